@@ -1,0 +1,38 @@
+# bg — set-up, tests and the main training job.
+# `make test` creates .venv if missing, installs the pinned CPU torch and the package, runs pytest.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow train data bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels.
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# The main job. Until the NSF family lands it generates (and caches) the default
+# alanine dipeptide MD dataset that training will use.
+train: setup
+	$(VENV)/bin/bg data --system aldp
+
+bench: setup
+	$(PY) bench/foundation.py $(if $(wildcard ../shared/data/villin_1vii.pdb),--villin ../shared/data/villin_1vii.pdb,)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from bg.cli import main
+
+sys.exit(main())

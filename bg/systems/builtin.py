@@ -1,0 +1,43 @@
+"""Built-in systems by name, so configs can say ``system: aldp``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bg.systems.peptide import build_capped_peptide
+from bg.systems.protein import load_pdb
+from bg.systems.system import MolecularSystem
+
+BUILTIN_SYSTEMS = {
+    "aldp": "alanine dipeptide ACE-ALA-NME (22 atoms), amber99sbildn + amber99_obc, 300 K, no constraints, no cutoff",
+}
+
+
+def aldp(temperature: float = 300.0) -> MolecularSystem:
+    """The standard alanine dipeptide of the Boltzmann-generator literature."""
+    return build_capped_peptide("A", forcefield="amber99sbildn-obc", temperature=temperature, name="aldp")
+
+
+def get_system(spec: str, temperature: float = 300.0, forcefield: str | None = None) -> MolecularSystem:
+    """Resolve a system from a name or path.
+
+    ``"aldp"``; ``"peptide:<SEQ>"`` for a capped peptide (amber14-obc2 unless ``forcefield``);
+    a path to a ``.pdb``/``.cif`` file (amber14-obc2 unless ``forcefield``); a directory written
+    by ``MolecularSystem.save``.
+    """
+    if spec == "aldp":
+        if forcefield not in (None, "amber99sbildn-obc"):
+            raise ValueError("the built-in 'aldp' uses amber99sbildn-obc; use 'peptide:A' for another force field")
+        return aldp(temperature)
+    if spec.startswith("peptide:"):
+        seq = spec.split(":", 1)[1]
+        return build_capped_peptide(seq, forcefield=forcefield or "amber14-obc2", temperature=temperature)
+    path = Path(spec)
+    if path.is_dir() and (path / "system.json").exists():
+        return MolecularSystem.load(path)
+    if path.suffix.lower() in {".pdb", ".cif", ".mmcif"}:
+        return load_pdb(path, forcefield=forcefield or "amber14-obc2", temperature=temperature)
+    raise ValueError(
+        f"unknown system {spec!r}: use one of {sorted(BUILTIN_SYSTEMS)}, 'peptide:<one-letter sequence>', "
+        "a .pdb/.cif file, or a directory written by MolecularSystem.save"
+    )

@@ -1,0 +1,145 @@
+"""`MolecularSystem`: topology + OpenMM System factory + reference positions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import mdtraj as md
+import numpy as np
+import openmm
+from openmm import app, unit
+
+#: k_B in kJ/(mol K) (CODATA, as OpenMM uses).
+BOLTZMANN_KJ_PER_MOL_K = (unit.BOLTZMANN_CONSTANT_kB * unit.AVOGADRO_CONSTANT_NA).value_in_unit(
+    unit.kilojoule_per_mole / unit.kelvin
+)
+
+#: Named force fields: OpenMM XML files. Any tuple of XML files OpenMM knows works too.
+FORCEFIELDS: dict[str, tuple[str, ...]] = {
+    "amber99sbildn-obc": ("amber99sbildn.xml", "amber99_obc.xml"),
+    "amber99sbildn-vacuum": ("amber99sbildn.xml",),
+    "amber14-obc2": ("amber14-all.xml", "implicit/obc2.xml"),
+    "amber14-obc1": ("amber14-all.xml", "implicit/obc1.xml"),
+    "amber14-gbn2": ("amber14-all.xml", "implicit/gbn2.xml"),
+    "amber14-vacuum": ("amber14-all.xml",),
+    "charmm36-vacuum": ("charmm36.xml",),
+}
+
+_CONSTRAINTS = {None: None, "none": None, "hbonds": app.HBonds, "allbonds": app.AllBonds, "hangles": app.HAngles}
+
+
+def resolve_forcefield(forcefield: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A preset name (see ``FORCEFIELDS``) or a list of OpenMM XML files → tuple of XML files."""
+    if isinstance(forcefield, str):
+        if forcefield in FORCEFIELDS:
+            return FORCEFIELDS[forcefield]
+        if forcefield.endswith(".xml"):
+            return (forcefield,)
+        raise ValueError(
+            f"unknown force field {forcefield!r}; use one of {sorted(FORCEFIELDS)} or a list of OpenMM XML files"
+        )
+    files = tuple(forcefield)
+    try:
+        app.ForceField(*files)
+    except Exception as exc:  # OpenMM raises ValueError/FileNotFoundError with little context
+        raise ValueError(f"OpenMM cannot load force field files {files}: {exc}") from exc
+    return files
+
+
+def kT_kJ_per_mol(temperature: float) -> float:
+    """k_B T in kJ/mol for a temperature in K."""
+    return BOLTZMANN_KJ_PER_MOL_K * float(temperature)
+
+
+@dataclass
+class MolecularSystem:
+    """A molecule ready for simulation and energy evaluation.
+
+    Attributes:
+        name: short identifier (used in file names and logs).
+        omm_topology: OpenMM topology, atoms in the order used everywhere in bg.
+        positions: reference positions ``(N, 3)`` in nm, float64 (minimised for built systems).
+        forcefield: OpenMM force-field XML files.
+        temperature: K.
+        constraints: ``None``, ``"hbonds"``, ``"allbonds"`` or ``"hangles"``.
+        nonbonded_cutoff: nm, or ``None`` for no cutoff (the default for implicit solvent here).
+    """
+
+    name: str
+    omm_topology: app.Topology
+    positions: np.ndarray
+    forcefield: tuple[str, ...]
+    temperature: float = 300.0
+    constraints: str | None = None
+    nonbonded_cutoff: float | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
+        if self.positions.shape[0] != self.omm_topology.getNumAtoms():
+            raise ValueError(
+                f"{self.name}: {self.positions.shape[0]} positions for {self.omm_topology.getNumAtoms()} atoms"
+            )
+        self.forcefield = resolve_forcefield(self.forcefield)
+        if (self.constraints.lower() if isinstance(self.constraints, str) else self.constraints) not in _CONSTRAINTS:
+            raise ValueError(f"constraints must be one of {[k for k in _CONSTRAINTS if k]} or None")
+
+    @property
+    def n_atoms(self) -> int:
+        return self.omm_topology.getNumAtoms()
+
+    @property
+    def kT(self) -> float:
+        """k_B T in kJ/mol."""
+        return kT_kJ_per_mol(self.temperature)
+
+    @cached_property
+    def topology(self) -> md.Topology:
+        """The mdtraj topology (same atom order)."""
+        return md.Topology.from_openmm(self.omm_topology)
+
+    def create_openmm_system(self) -> openmm.System:
+        """A fresh OpenMM ``System`` (no barostat; a CMMotionRemover is not added)."""
+        ff = app.ForceField(*self.forcefield)
+        cons = _CONSTRAINTS[self.constraints.lower() if isinstance(self.constraints, str) else None]
+        kwargs = dict(constraints=cons, removeCMMotion=False, rigidWater=False)
+        if self.nonbonded_cutoff is None:
+            kwargs["nonbondedMethod"] = app.NoCutoff
+        else:
+            kwargs["nonbondedMethod"] = app.CutoffNonPeriodic
+            kwargs["nonbondedCutoff"] = self.nonbonded_cutoff * unit.nanometer
+        try:
+            return ff.createSystem(self.omm_topology, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: force field {self.forcefield} cannot parametrise the molecule: {exc}") from exc
+
+    def trajectory(self, xyz: np.ndarray | None = None) -> md.Trajectory:
+        """An mdtraj trajectory of ``xyz`` ``(F, N, 3)`` nm (default: the reference positions)."""
+        xyz = self.positions[None] if xyz is None else np.asarray(xyz).reshape(-1, self.n_atoms, 3)
+        return md.Trajectory(xyz.astype(np.float32), self.topology)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``<name>.pdb`` (topology + reference positions, full precision kept in .npy) and
+        ``system.json`` (force field, temperature, settings) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "topology.pdb", "w") as fh:
+            app.PDBFile.writeFile(self.omm_topology, self.positions * unit.nanometer, fh, keepIds=True)
+        np.save(directory / "positions.npy", self.positions)
+        spec = dict(name=self.name, forcefield=list(self.forcefield), temperature=self.temperature,
+                    constraints=self.constraints, nonbonded_cutoff=self.nonbonded_cutoff, metadata=self.metadata)
+        (directory / "system.json").write_text(json.dumps(spec, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MolecularSystem":
+        """Read a system written by :meth:`save`."""
+        directory = Path(directory)
+        spec = json.loads((directory / "system.json").read_text())
+        pdb = app.PDBFile(str(directory / "topology.pdb"))
+        positions = np.load(directory / "positions.npy")
+        return cls(omm_topology=pdb.topology, positions=positions, **spec)

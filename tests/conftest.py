@@ -1,0 +1,50 @@
+"""Shared fixtures: small real systems and short real MD (seconds on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bg.systems import MDSettings, aldp, load_md, simulate
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared/data is optional; these tests use the real PDB structures there)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def aldp_system():
+    return aldp()
+
+
+@pytest.fixture(scope="session")
+def aldp_md_dir(tmp_path_factory, aldp_system):
+    out = tmp_path_factory.mktemp("aldp_md")
+    simulate(aldp_system, out, MDSettings(n_frames=200, steps_per_frame=250, equilibration_steps=2000, chunk_frames=100),
+             progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def aldp_frames(aldp_md_dir):
+    """200 frames (50 ps) of alanine dipeptide MD, float64 nm."""
+    return load_md(aldp_md_dir).xyz.astype(np.float64)
+
+
+@pytest.fixture(scope="session")
+def villin_md(tmp_path_factory):
+    """Villin headpiece 1VII (596 atoms with H), minimised, plus 10 frames of short local MD."""
+    from bg.systems import load_pdb
+
+    system = load_pdb(shared_file("villin_1vii.pdb"))
+    out = tmp_path_factory.mktemp("villin_md")
+    simulate(system, out, MDSettings(n_frames=10, steps_per_frame=100, equilibration_steps=200, chunk_frames=10),
+             progress=False)
+    return system, load_md(out).xyz.astype(np.float64)

@@ -1,0 +1,173 @@
+import math
+
+import mdtraj as md
+import numpy as np
+import pytest
+import torch
+
+from bg.coordinates import InternalCoordinates
+from bg.systems import build_capped_peptide
+
+
+def pairwise(x: torch.Tensor) -> torch.Tensor:
+    # Explicit differences: torch.cdist's matrix-product form loses ~1e-8 nm far from the origin.
+    return torch.linalg.vector_norm(x[:, :, None] - x[:, None], dim=-1)
+
+
+@pytest.fixture(scope="module")
+def all_residues():
+    """ACE-<all 20 amino acids>-NME, unminimised (geometry from the builder)."""
+    return build_capped_peptide("ARNDCQEGHILKMFPSTWYV", minimize=False)
+
+
+def test_dimension_and_labels(aldp_system):
+    ic = InternalCoordinates(aldp_system.topology)
+    n = aldp_system.n_atoms
+    assert ic.dim == 3 * n - 6
+    assert int(ic.is_bond.sum()) == n - 1 and int(ic.is_angle.sum()) == n - 2 and int(ic.is_torsion.sum()) == n - 3
+    table = ic.coordinate_table()
+    cb = [r for r in table if r["atoms"][0].endswith(":CB")]
+    assert cb and all(not r["backbone"] for r in cb)
+    assert all(r["backbone"] for r in table if r["atoms"][0].split(":")[1] in {"N", "CA", "C", "O"})
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_round_trip_aldp_md(aldp_frames, aldp_system, dtype, tol):
+    ic = InternalCoordinates(aldp_system.topology)
+    x = torch.tensor(aldp_frames, dtype=dtype)
+    z, _ = ic(x)
+    assert z.dtype == dtype
+    xr, _ = ic.inverse(z)
+    assert (pairwise(xr) - pairwise(x)).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+def test_round_trip_villin_md(villin_md, dtype, tol):
+    system, frames = villin_md
+    ic = InternalCoordinates(system.topology)
+    x = torch.tensor(frames, dtype=dtype)
+    xr, _ = ic.inverse(ic(x)[0])
+    assert (pairwise(xr) - pairwise(x)).abs().max() < tol
+
+
+def test_round_trip_all_twenty_residues(all_residues):
+    ic = InternalCoordinates(all_residues.topology)
+    x = torch.tensor(all_residues.positions[None], dtype=torch.float64)
+    x = x + 0.01 * torch.randn(4, *x.shape[1:], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xr, _ = ic.inverse(ic(x)[0])
+    assert (pairwise(xr) - pairwise(x)).abs().max() < 1e-10
+
+
+def test_proline_ring_closed_through_cg_cd(all_residues):
+    ic = InternalCoordinates(all_residues.topology)
+    pro = next(r for r in all_residues.topology.residues if r.name == "PRO")
+    n, cd = pro.atom("N").index, pro.atom("CD").index
+    bonds = {tuple(sorted(r)) for r in ic.bond_idx.tolist()}
+    assert (min(n, cd), max(n, cd)) not in bonds
+
+
+@pytest.mark.parametrize("source", ["aldp", "peptide"])
+def test_log_det_equals_autograd(source, aldp_system, aldp_frames):
+    if source == "aldp":
+        top, x = aldp_system.topology, torch.tensor(aldp_frames[:2], dtype=torch.float64)
+    else:  # proline ring, aromatic ring, branched side chains, charged termini-free caps
+        pep = build_capped_peptide("PWT", minimize=False)
+        top, x = pep.topology, torch.tensor(pep.positions[None], dtype=torch.float64)
+    ic = InternalCoordinates(top)
+    for frame in x:
+        flat = frame.reshape(-1).clone()
+        jac = torch.autograd.functional.jacobian(lambda v: ic.forward_full(v.reshape(1, -1, 3))[0].reshape(-1), flat)
+        sign, logabs = torch.linalg.slogdet(jac)
+        _, log_det = ic.forward_full(frame[None])
+        assert sign != 0
+        assert abs(logabs.item() - log_det.item()) < 1e-6
+        y, log_det_f = ic.forward_full(frame[None])
+        xb, log_det_i = ic.inverse_full(y)
+        assert abs((log_det_f + log_det_i).item()) < 1e-10
+        assert (xb - frame).abs().max() < 1e-10
+        # The quotient log-det differs from the square one by the orientation factor only.
+        _, ld = ic(frame[None])
+        assert abs((ld - log_det).item() - math.log(math.sin(y[0, 4].item()))) < 1e-10
+
+
+def test_forward_inverse_log_dets_cancel(aldp_system, aldp_frames):
+    ic = InternalCoordinates(aldp_system.topology)
+    x = torch.tensor(aldp_frames, dtype=torch.float64)
+    z, ld_f = ic(x)
+    _, ld_i = ic.inverse(z)
+    assert (ld_f + ld_i).abs().max() < 1e-10
+
+
+def test_phi_psi_equal_mdtraj(aldp_system, aldp_frames, all_residues):
+    for top, xyz in [(aldp_system.topology, aldp_frames), (all_residues.topology, all_residues.positions[None])]:
+        ic = InternalCoordinates(top)
+        traj = md.Trajectory(xyz.astype(np.float32), top)
+        z, _ = ic(torch.tensor(traj.xyz, dtype=torch.float64))
+        phi_i, psi_i = ic.phi_psi_indices()
+        _, phi = md.compute_phi(traj, opt=False)
+        _, psi = md.compute_psi(traj, opt=False)
+        assert len(phi_i) == phi.shape[1] and len(psi_i) == psi.shape[1]
+        for mine, ref in [(z[:, phi_i].numpy(), phi), (z[:, psi_i].numpy(), psi)]:
+            assert np.abs(np.angle(np.exp(1j * (mine - ref)))).max() < 1e-6
+        assert bool(ic.is_torsion[phi_i].all()) and bool(ic.is_backbone[psi_i].all())
+
+
+def test_torsions_in_range(aldp_system, aldp_frames):
+    ic = InternalCoordinates(aldp_system.topology)
+    z, _ = ic(torch.tensor(aldp_frames))
+    t = z[:, ic.is_torsion]
+    assert t.min() >= -math.pi and t.max() <= math.pi
+    a = z[:, ic.is_angle]
+    assert a.min() > 0 and a.max() < math.pi
+
+
+def test_reduced_representation(villin_md):
+    system, frames = villin_md
+    full = InternalCoordinates(system.topology)
+    with pytest.raises(RuntimeError, match="fit"):
+        InternalCoordinates(system.topology, reduced=True).inverse(torch.zeros(1, 10, dtype=torch.float64))
+    ic = InternalCoordinates(system.topology, reduced=True, reference=frames)
+    assert ic.dim < full.dim
+    # Free: every backbone coordinate and every torsion; frozen: side-chain bonds and angles.
+    assert bool((ic.is_backbone | ic.is_torsion).all())
+    n_sc_bonds_angles = sum(1 for r in full.coordinate_table() if not r["backbone"] and r["kind"] != "torsion")
+    assert full.dim - ic.dim == n_sc_bonds_angles
+    x = torch.tensor(frames, dtype=torch.float64)
+    z, ld = ic(x)
+    xp, ld_i = ic.inverse(z)
+    assert (ld + ld_i).abs().max() < 1e-9
+    # The projection is idempotent and leaves backbone geometry and all torsions untouched.
+    z2, _ = ic(xp)
+    assert (z2 - z).abs().max() < 1e-9
+    zf, _ = full(xp)
+    sc = torch.tensor([not r["backbone"] and r["kind"] != "torsion" for r in full.coordinate_table()])
+    assert torch.allclose(zf[:, sc], ic.frozen_values.expand(len(xp), -1), atol=1e-9)
+    # Frozen means are part of the state dict (a checkpoint restores the same manifold).
+    again = InternalCoordinates(system.topology, reduced=True)
+    again.load_state_dict(ic.state_dict())
+    assert torch.equal(again.frozen_values, ic.frozen_values)
+
+
+def test_gradients_flow_through_inverse(aldp_system, aldp_frames):
+    ic = InternalCoordinates(aldp_system.topology)
+    z, _ = ic(torch.tensor(aldp_frames[:3]))
+    z = z.clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda v: ic.inverse(v)[0], (z,), eps=1e-6, atol=1e-5)
+
+
+def test_bad_inputs(aldp_system):
+    ic = InternalCoordinates(aldp_system.topology)
+    with pytest.raises(ValueError, match=r"shape \(batch, 22, 3\)"):
+        ic(torch.zeros(2, 21, 3))
+    top = md.Topology()
+    chain = top.add_chain()
+    res = top.add_residue("UNK", chain)
+    for i in range(4):
+        top.add_atom(f"C{i}", md.element.carbon, res)
+    with pytest.raises(ValueError, match="no bonds"):
+        InternalCoordinates(top)
+    atoms = list(top.atoms)
+    top.add_bond(atoms[0], atoms[1])
+    top.add_bond(atoms[1], atoms[2])
+    with pytest.raises(ValueError, match="not one connected molecule"):
+        InternalCoordinates(top)
