@@ -40,11 +40,11 @@ def aldp_frames(aldp_md_dir):
 
 @pytest.fixture(scope="session")
 def villin_md(tmp_path_factory):
-    """Villin headpiece 1VII (596 atoms with H), minimised, plus 10 frames of short local MD."""
+    """Villin headpiece 1VII (596 atoms with H), minimised, plus 6 frames of short local MD."""
     from bg.systems import load_pdb
 
     system = load_pdb(shared_file("villin_1vii.pdb"))
     out = tmp_path_factory.mktemp("villin_md")
-    simulate(system, out, MDSettings(n_frames=10, steps_per_frame=100, equilibration_steps=200, chunk_frames=10),
+    simulate(system, out, MDSettings(n_frames=6, steps_per_frame=50, equilibration_steps=100, chunk_frames=6),
              progress=False)
     return system, load_md(out).xyz.astype(np.float64)

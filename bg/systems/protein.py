@@ -45,6 +45,8 @@ def load_pdb(
     if structure.topology.getNumAtoms() == 0:
         raise ValueError(f"{path}: no atoms found; pass a PDB or mmCIF file with ATOM records")
     modeller = app.Modeller(structure.topology, structure.positions)
+    # Implicit solvent, no periodicity: a (often dummy) CRYST1 box would only follow into saved files.
+    modeller.topology.setPeriodicBoxVectors(None)
     modeller.deleteWater()
     modeller.delete([r for r in modeller.topology.residues() if r.name.upper() in _WATERS | _IONS])
     for res in modeller.topology.residues():
