@@ -31,8 +31,11 @@ test-slow: setup
 train: setup
 	$(VENV)/bin/bg data --system aldp
 
+SHARED_DATA ?= ../shared/data
 bench: setup
-	$(PY) bench/foundation.py $(if $(wildcard ../shared/data/villin_1vii.pdb),--villin ../shared/data/villin_1vii.pdb,)
+	$(PY) bench/foundation.py $(if $(wildcard $(SHARED_DATA)/villin_1vii.pdb),--villin $(SHARED_DATA)/villin_1vii.pdb,)
+	$(PY) bench/torch_energy.py $(if $(wildcard $(SHARED_DATA)/villin_1vii.pdb),--villin $(SHARED_DATA)/villin_1vii.pdb,) \
+		$(if $(wildcard $(SHARED_DATA)/protein_g_1pga.pdb),--protein-g $(SHARED_DATA)/protein_g_1pga.pdb,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
