@@ -109,6 +109,41 @@ def test_unsupported_forces_are_named(aldp_system):
         TorchEnergy.from_openmm(aldp_system, 300.0)
 
 
+def _two_stage_gb(n: int) -> openmm.CustomGBForce:
+    """A CustomGBForce with exclusions, a pair value, a value chained on it, and asymmetric pair energy."""
+    gb = openmm.CustomGBForce()
+    gb.addPerParticleParameter("q")
+    gb.addComputedValue("I", "(q2^2+0.1)*exp(-r)", openmm.CustomGBForce.ParticlePair)
+    gb.addComputedValue("s", "q^2+0.5+I", openmm.CustomGBForce.SingleParticle)
+    gb.addEnergyTerm("q*I", openmm.CustomGBForce.SingleParticle)
+    gb.addEnergyTerm("q1*q2*s1/(r+I2)", openmm.CustomGBForce.ParticlePair)
+    for i in range(n):
+        gb.addParticle([0.1 * ((i % 5) - 2)])
+    gb.addExclusion(0, 1)
+    gb.addExclusion(2, 5)
+    return gb
+
+
+def test_custom_gb_chained_values_and_exclusions(aldp_system, aldp_test_frames):
+    omm = openmm.System()
+    for _ in range(22):
+        omm.addParticle(1.0)
+    omm.addForce(_two_stage_gb(22))
+    check_against_openmm(omm, aldp_test_frames[:4])
+
+
+def test_custom_gb_with_coordinates_is_rejected_when_read():
+    omm = openmm.System()
+    omm.addParticle(1.0)
+    gb = openmm.CustomGBForce()
+    gb.addComputedValue("s", "x^2", openmm.CustomGBForce.SingleParticle)
+    gb.addEnergyTerm("s", openmm.CustomGBForce.SingleParticle)
+    gb.addParticle([])
+    omm.addForce(gb)
+    with pytest.raises(UnsupportedForceError, match=r"uses \['x'\].*coordinates"):
+        TorchEnergy.from_openmm(omm, 300.0)
+
+
 def test_cm_motion_remover_is_ignored(aldp_system, aldp_test_frames):
     omm = aldp_system.create_openmm_system()
     omm.addForce(openmm.CMMotionRemover())

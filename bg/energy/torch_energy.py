@@ -211,10 +211,29 @@ class CustomGB(_Term):
                              (force.getEnergyTermParameters(k) for k in range(force.getNumEnergyTerms()))]
         except ExpressionError as exc:
             raise UnsupportedForceError(f"{name}: {exc}") from exc
+        # Every variable must be known when the force is read, not when it is first evaluated.
+        known = set(self.globals) | set(self.param_names)
+        for cv_name, expr, kind in self.values:
+            self._check_variables(name, expr, kind, known)
+            known.add(cv_name)
+        for expr, kind in self.energies:
+            self._check_variables(name, expr, kind, known)
         excl = [force.getExclusionParticles(k) for k in range(force.getNumExclusions())]
         keep = _pair_keep(n_atoms, excl)
         self.register_buffer("pairs_excl", torch.nonzero(keep).flatten() if excl else torch.zeros(0, dtype=torch.long))
         self.has_exclusions = bool(excl)
+
+    def _check_variables(self, name: str, expr: Expression, kind: int, known: set[str]) -> None:
+        allowed = set(self.globals)
+        if kind == self.SINGLE:
+            allowed |= known
+        else:
+            allowed |= {"r"} | {v + s for v in known - set(self.globals) for s in ("1", "2")}
+        unknown = expr.variables - allowed
+        if unknown:
+            raise UnsupportedForceError(
+                f"{name}: the expression {expr.text!r} uses {sorted(unknown)}, which TorchEnergy does not provide "
+                "(particle coordinates x, y, z are not supported)")
 
     def _env(self, dt, cvs: dict[str, Tensor], a: Tensor | None = None, b: Tensor | None = None,
              r: Tensor | None = None) -> dict:
@@ -252,7 +271,7 @@ class CustomGB(_Term):
                 i, j, r = self._pairs(pairs, kind)
                 # A pair value of atom a sums over its partners b ≠ a: both orders of each pair.
                 a, b = torch.cat([i, j]), torch.cat([j, i])
-                val = expr(self._env(dt, {}, a, b, torch.cat([r, r])))
+                val = expr(self._env(dt, cvs, a, b, torch.cat([r, r])))
                 val = torch.as_tensor(val, dtype=dt, device=x.device).expand(len(a), batch)
                 cvs[name] = x.new_zeros(n, batch).index_add(0, a, val)
         total = x.new_zeros(batch, dtype=torch.float64)  # float64 accumulation also for float32 inputs
