@@ -65,7 +65,7 @@ def bench_system(system, batch: int, frames: np.ndarray, openmm_settings) -> lis
                 ref64 = u
             err = (u.double() - ref64).abs()
             rows.append((f"TorchEnergy {'compiled' if compiled else 'eager'} {str(dtype)[6:]} (chunk {te.chunk_size}); "
-                         f"|Δu| vs f64 mean {err.mean():.1e} max {err.max():.1e} kT", t))
+                         f"energy error vs f64: mean {err.mean():.1e}, max {err.max():.1e} kT", t))
     out = [f"\n### {system.name} ({system.n_atoms} atoms), batch {batch}, energies + forces\n",
            "| implementation | ms per batch | µs per frame | speed-up vs best OpenMM |", "|---|---|---|---|"]
     for name, t in rows:
