@@ -121,17 +121,16 @@ def test_torsions_in_range(aldp_system, aldp_frames):
     assert a.min() > 0 and a.max() < math.pi
 
 
-def test_reduced_representation(villin_md):
-    system, frames = villin_md
-    full = InternalCoordinates(system.topology)
+def check_reduced(topology, frames: np.ndarray) -> None:
+    full = InternalCoordinates(topology)
     with pytest.raises(RuntimeError, match="fit"):
-        InternalCoordinates(system.topology, reduced=True).inverse(torch.zeros(1, 10, dtype=torch.float64))
-    ic = InternalCoordinates(system.topology, reduced=True, reference=frames)
+        InternalCoordinates(topology, reduced=True).inverse(torch.zeros(1, 10, dtype=torch.float64))
+    ic = InternalCoordinates(topology, reduced=True, reference=frames)
     assert ic.dim < full.dim
     # Free: every backbone coordinate and every torsion; frozen: side-chain bonds and angles.
     assert bool((ic.is_backbone | ic.is_torsion).all())
-    n_sc_bonds_angles = sum(1 for r in full.coordinate_table() if not r["backbone"] and r["kind"] != "torsion")
-    assert full.dim - ic.dim == n_sc_bonds_angles
+    sc = torch.tensor([not r["backbone"] and r["kind"] != "torsion" for r in full.coordinate_table()])
+    assert full.dim - ic.dim == int(sc.sum())
     x = torch.tensor(frames, dtype=torch.float64)
     z, ld = ic(x)
     xp, ld_i = ic.inverse(z)
@@ -140,12 +139,23 @@ def test_reduced_representation(villin_md):
     z2, _ = ic(xp)
     assert (z2 - z).abs().max() < 1e-9
     zf, _ = full(xp)
-    sc = torch.tensor([not r["backbone"] and r["kind"] != "torsion" for r in full.coordinate_table()])
-    assert torch.allclose(zf[:, sc], ic.frozen_values.expand(len(xp), -1), atol=1e-9)
+    torch.testing.assert_close(zf[:, sc], ic.frozen_values.expand(len(xp), -1), atol=1e-9, rtol=0)
+    torch.testing.assert_close(zf[:, ~sc], full(x)[0][:, ~sc], atol=1e-9, rtol=0)
     # Frozen means are part of the state dict (a checkpoint restores the same manifold).
-    again = InternalCoordinates(system.topology, reduced=True)
+    again = InternalCoordinates(topology, reduced=True)
     again.load_state_dict(ic.state_dict())
     assert torch.equal(again.frozen_values, ic.frozen_values)
+
+
+def test_reduced_representation_villin(villin_md):
+    system, frames = villin_md
+    check_reduced(system.topology, frames)
+
+
+def test_reduced_representation_all_residues(all_residues):
+    rng = np.random.default_rng(5)
+    frames = all_residues.positions[None] + 0.01 * rng.standard_normal((5, all_residues.n_atoms, 3))
+    check_reduced(all_residues.topology, frames)
 
 
 def test_gradients_flow_through_inverse(aldp_system, aldp_frames):
