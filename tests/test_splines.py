@@ -27,15 +27,30 @@ def test_inverse_and_log_dets(dtype, circular):
     xr, ld_inv = fn(y, w, h, d, inverse=True)
     eps = torch.finfo(dtype).eps
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    # y → x → y is exact to rounding; x → y → x is limited by conditioning: where dy/dx is small,
-    # the rounding of y (eps·range) is amplified by 1/(dy/dx) in any implementation.
+    # Round trips are limited by conditioning, in any implementation: x → y → x amplifies the
+    # rounding of y (eps·range) by 1/(dy/dx), and y → x → y amplifies that of x by dy/dx.
     yr, ld_r = fn(xr, w, h, d)
-    assert (yr - y).abs().max() < tol
+    assert torch.all((yr - y).abs() <= tol + 20 * eps * (high - low) * torch.exp(ld))
     assert torch.all((xr - x).abs() <= tol + 20 * eps * (high - low) / torch.exp(ld))
-    well = ld > -2  # slopes above 0.14
-    assert (xr - x)[well].abs().max() < tol
+    well = ld.abs() < 2  # slopes between 0.14 and 7.4 (a neighbouring extreme bin can still matter)
+    loose = 1e-4 if dtype == torch.float32 else tol
+    assert (xr - x)[well].abs().max() < loose and (yr - y)[well].abs().max() < loose
     # The inverse's log-det at y is minus the forward log-det at the point it returns.
     assert (ld_r + ld_inv).abs().max() < (1e-4 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_float32_inverts_to_1e5_for_conditioner_scale_parameters(circular):
+    """Unit-scale conditioner outputs (a trained flow's regime): x → y → x within 1e-5 where the
+    slope is moderate, in float32."""
+    w, h, d = params(4000, 8, circular, torch.float32, seed=9, scale=1.0)
+    low, high = (-math.pi, math.pi) if circular else (-1.0, 1.0)
+    x = low + (high - low) * torch.rand(4000, generator=torch.Generator().manual_seed(2))
+    y, ld = rq_spline(x, w, h, d, low=low, high=high, circular=circular)
+    xr, _ = rq_spline(y, w, h, d, low=low, high=high, circular=circular, inverse=True)
+    well = ld.abs() < 2
+    assert well.float().mean() > 0.5  # the test is not vacuous
+    assert (xr - x)[well].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("circular", [False, True])

@@ -75,7 +75,8 @@ def rq_spline(
                          f"got {derivatives.shape[-1]}")
     if circular:
         derivatives = torch.cat([derivatives, derivatives[..., :1]], dim=-1)
-    d = min_derivative + F.softplus(derivatives)
+    # Offset so that zero parameters give derivative 1 (with uniform bins: the identity map).
+    d = min_derivative + F.softplus(derivatives + math.log(math.expm1(1 - min_derivative)))
     w, xk = _knots(widths, low, high, min_bin_width)
     h, yk = _knots(heights, low, high, min_bin_height)
     x = x.clamp(low, high)
