@@ -30,7 +30,7 @@ import torch
 from openmm import unit
 from torch import Tensor, nn
 
-from bg.coordinates.geometry import bond_angles, dihedrals
+from bg.coordinates.geometry import bond_angles, bond_lengths, dihedrals
 from bg.energy.expressions import Expression, ExpressionError
 from bg.systems.system import kT_kJ_per_mol
 
@@ -68,7 +68,7 @@ class HarmonicBonds(_Term):
         self.register_buffer("k", torch.tensor([_v(r[3], _KJ / _NM**2) for r in rows], dtype=torch.float64))
 
     def forward(self, x: Tensor, pairs: "_PairCache") -> Tensor:
-        d = torch.linalg.vector_norm(x[:, self.idx[:, 1]] - x[:, self.idx[:, 0]], dim=-1)
+        d = bond_lengths(x[:, self.idx[:, 0]], x[:, self.idx[:, 1]])
         return (0.5 * self.k.to(x.dtype) * (d - self.r0.to(x.dtype)) ** 2).sum(-1)
 
 
