@@ -5,3 +5,10 @@ Subpackages (dependencies point one way): ``bg.systems``, ``bg.energy``, ``bg.co
 """
 
 __version__ = "0.1.0"
+
+
+def load_generator(ckpt_path, map_location="cpu", strict=True):
+    """Load a trained generator from a checkpoint (see ``bg.models.loading.load_generator``)."""
+    from bg.models.loading import load_generator as _load
+
+    return _load(ckpt_path, map_location=map_location, strict=strict)

@@ -1,6 +1,8 @@
-"""Command line: ``bg <command>`` (also ``python -m bg``).
+"""Command line: ``bg <command>`` (also ``python -m bg``, and ``lightning`` as an alias).
 
 Commands:
+    fit, validate, test, predict   LightningCLI (``bg fit --config configs/aldp_nsf.yaml``; see
+                                   ``bg fit --help`` and ``bg.lightning_cli``)
     data   generate (or check) a training dataset: MD of a built-in system, cached, or your
            topology + trajectories; prints where the frames are and how they are split.
 """
@@ -60,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("--config") or argv[0] == "--print_config"):
+        from bg.lightning_cli import run
+
+        run(argv)
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        print(f"\nLightning commands: {', '.join(LIGHTNING_COMMANDS)} (e.g. bg fit --config configs/aldp_nsf.yaml; "
+              "bg fit --help)")
+        return 0 if argv else 2
     args = build_parser().parse_args(argv)
     if args.command == "data" and args.system is None and args.topology is None:
         args.system = "aldp"

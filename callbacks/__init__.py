@@ -1,4 +1,11 @@
-"""Lightning callbacks (loss-stage schedule, evaluation and logging, EMA, sample writers).
+"""Lightning callbacks: loss-stage schedule, sample evaluation and figures, sample writer.
 
-They arrive with the generator families; by design a callback never builds a flow.
+By design a callback never builds a flow: it calls the generator's public API (``sample``,
+``sample_weighted``, ``energy``, ``loss_weights``).
 """
+
+from callbacks.evaluation import SampleEvaluation
+from callbacks.stages import LossStages, Stage
+from callbacks.writer import SampleWriter
+
+__all__ = ["LossStages", "SampleEvaluation", "SampleWriter", "Stage"]

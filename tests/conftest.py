@@ -48,3 +48,20 @@ def villin_md(tmp_path_factory):
     simulate(system, out, MDSettings(n_frames=6, steps_per_frame=50, equilibration_steps=100, chunk_frames=6),
              progress=False)
     return system, load_md(out).xyz.astype(np.float64)
+
+
+@pytest.fixture(scope="session")
+def aldp_data_args(aldp_md_dir):
+    """MDDataModule arguments for the short alanine dipeptide MD above (topology + trajectories)."""
+    return dict(topology=str(aldp_md_dir / "topology.pdb"), trajectories=[str(aldp_md_dir / "chunks" / "*.dcd")],
+                forcefield="amber99sbildn-obc", split=(0.7, 0.15, 0.15))
+
+
+TINY_NSF = dict(reduced=False, backbone_layers=2, sidechain_layers=2, bins=6, width=16, depth=1, attention_dim=8,
+                w2_batch_size=32, kl_batch_size=32, sample_batch_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_nsf_kwargs():
+    """A small split-channel NSF (seconds per epoch on 2 cores)."""
+    return dict(TINY_NSF)

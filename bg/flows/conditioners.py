@@ -6,10 +6,10 @@ coupling uses the rows it transforms). Circular coordinates enter as (cos, sin),
 their value scaled to [−1, 1].
 
 - :class:`MLPConditioner`: the baseline NSF conditioner (flattened features → residual MLP).
-- :class:`GAUConditioner`: one token per coordinate (value features + kind embedding + a mask
-  flag), absolute sinusoidal position of the coordinate's residue added to the tokens and rotary
-  embeddings of the residue index in the attention (Kim et al. 2024), mixed by gated attention
-  units (Hua et al. 2022): u = SiLU(W_u x), v = SiLU(W_v x), shared z = SiLU(W_z x) with per-dim
+- :class:`GAUConditioner`: one token per residue (the features of its coordinates, with their
+  kinds) or per coordinate; absolute (sinusoidal or learned) position of the residue added to the
+  tokens and rotary embeddings of the residue index in the attention (Kim et al. 2024), mixed by
+  gated attention units (Hua et al. 2022): u = SiLU(W_u x), v = SiLU(W_v x), shared z = SiLU(W_z x) with per-dim
   scale/offset for queries and keys, attention relu(q·k/√s)²/T, output W_o(u ⊙ A v). Attention
   over coordinates lets distant residues condition each other.
 """
@@ -20,6 +20,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+
+ABSOLUTE_EMBEDDINGS = ("sinusoidal", "learned", "none")
 
 
 def coordinate_features(z: Tensor, mask: Tensor, circular: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -84,42 +87,92 @@ class GatedAttentionUnit(nn.Module):
         self.out = nn.Linear(e, d)
         self.s = s
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
+        """``positions``: ``(T,)`` integer positions for rotary embeddings, or None for none."""
         h = self.norm(x)
         u, v = nn.functional.silu(self.uv(h)).chunk(2, -1)
         z = nn.functional.silu(self.z(h))
-        q = rotary(z * self.gamma[0] + self.beta[0], positions)
-        k = rotary(z * self.gamma[1] + self.beta[1], positions)
+        q, k = z * self.gamma[0] + self.beta[0], z * self.gamma[1] + self.beta[1]
+        if positions is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
         attn = torch.relu(q @ k.transpose(-1, -2) / math.sqrt(self.s)) ** 2 / x.shape[1]
         return x + self.out(u * (attn @ v))
 
 
+TOKENS = ("residue", "coordinate")
+
+
 class GAUConditioner(nn.Module):
-    """Gated-attention conditioner over coordinate tokens (see module docstring).
+    """Gated-attention conditioner (see module docstring).
+
+    Tokens are residues by default: a residue's token carries the features of all its coordinates
+    (slots in a fixed order, with a one-hot of each slot's kind; empty slots are zero) and emits
+    the spline parameters of all of them. Attention then costs O(R²) in the number of residues R,
+    which keeps proteins affordable; ``tokens="coordinate"`` makes every coordinate its own token
+    (O(D²), closer to a per-coordinate transformer, and much slower on CPU).
 
     Args:
-        kinds: ``(D,)`` int kind of each coordinate (0 bond, 1 angle, 2 torsion; more allowed).
+        kinds: ``(D,)`` int kind of each coordinate (0 bond, 1 angle, 2 torsion; up to ``n_kinds``).
         residues: ``(D,)`` residue index of each coordinate (positions for both embeddings).
         n_params: parameters per coordinate.
         width, depth: token width and number of GAU layers.
+        attention_dim: shared query/key width s of the GAU.
+        absolute: absolute positional embedding of the residue index: ``"sinusoidal"``,
+            ``"learned"`` or ``"none"``.
+        rotary: rotary embeddings of the residue index inside the attention.
+        tokens: ``"residue"`` or ``"coordinate"``.
     """
 
     def __init__(self, kinds: Tensor, residues: Tensor, n_params: int, width: int = 64, depth: int = 2,
-                 n_kinds: int = 8, attention_dim: int = 32):
+                 n_kinds: int = 3, attention_dim: int = 32, absolute: str = "sinusoidal", rotary: bool = True,
+                 tokens: str = "residue"):
         super().__init__()
-        self.register_buffer("kinds", kinds.long())
-        self.register_buffer("residues", residues.long())
-        self.embed = nn.Linear(3, width)
-        self.kind = nn.Embedding(n_kinds, width)
-        self.register_buffer("position", sinusoidal(residues, width))
+        if absolute not in ABSOLUTE_EMBEDDINGS:
+            raise ValueError(f"absolute positional embedding must be one of {ABSOLUTE_EMBEDDINGS}, got {absolute!r}")
+        if tokens not in TOKENS:
+            raise ValueError(f"GAU tokens must be one of {TOKENS}, got {tokens!r}")
+        kinds, residues = kinds.long(), residues.long()
+        d = len(kinds)
+        if tokens == "coordinate":
+            token_of, slot_of, positions = torch.arange(d), torch.zeros(d, dtype=torch.long), residues
+        else:
+            positions, token_of = torch.unique(residues, return_inverse=True)
+            slot_of = torch.zeros(d, dtype=torch.long)
+            for t in range(len(positions)):
+                members = torch.nonzero(token_of == t).flatten()
+                slot_of[members] = torch.arange(len(members))
+        n_tokens, n_slots = int(token_of.max()) + 1, int(slot_of.max()) + 1
+        self.n_tokens, self.n_slots, self.n_params = n_tokens, n_slots, n_params
+        self.register_buffer("cell", token_of * n_slots + slot_of)  # flat (token, slot) of each coordinate
+        self.register_buffer("positions", positions)
+        slot_kind = torch.zeros(n_tokens * n_slots, n_kinds)
+        slot_kind[self.cell, kinds] = 1.0
+        self.register_buffer("slot_kind", slot_kind.view(n_tokens, n_slots * n_kinds))
+        self.embed = nn.Linear(n_slots * (3 + n_kinds), width)
+        # Absolute position of the token's residue: fixed sinusoids, learned per residue, or none.
+        self.register_buffer("position", sinusoidal(positions, width) if absolute == "sinusoidal"
+                             else torch.zeros(n_tokens, width))
+        self.learned = nn.Embedding(int(positions.max()) + 1, width) if absolute == "learned" else None
+        if self.learned is not None:
+            nn.init.normal_(self.learned.weight, std=0.02)
+        self.use_rotary = rotary
         self.layers = nn.ModuleList(GatedAttentionUnit(width, s=attention_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, n_params)
+        self.out = nn.Linear(width, n_slots * n_params)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, features: Tensor) -> Tensor:
-        x = self.embed(features) + self.kind(self.kinds) + self.position.to(features.dtype)
+        b = features.shape[0]
+        grid = features.new_zeros(b, self.n_tokens * self.n_slots, features.shape[-1])
+        grid[:, self.cell] = features
+        grid = grid.view(b, self.n_tokens, -1)
+        tokens = torch.cat([grid, self.slot_kind.to(features.dtype).expand(b, -1, -1)], -1)
+        x = self.embed(tokens) + self.position.to(features.dtype)
+        if self.learned is not None:
+            x = x + self.learned(self.positions)
+        positions = self.positions if self.use_rotary else None
         for layer in self.layers:
-            x = layer(x, self.residues)
-        return self.out(self.norm(x))
+            x = layer(x, positions)
+        out = self.out(self.norm(x)).view(b, self.n_tokens * self.n_slots, self.n_params)
+        return out[:, self.cell]

@@ -1,0 +1,6 @@
+"""Generator families as LightningModules over a shared base (``BoltzmannGenerator``)."""
+
+from bg.models.base import BoltzmannGenerator
+from bg.models.nsf import SplitChannelNSF
+
+__all__ = ["BoltzmannGenerator", "SplitChannelNSF"]

@@ -1,0 +1,231 @@
+"""The LightningModule base shared by every generator family.
+
+A generator = a representation + a flow (built by the subclass once the molecule is known) + the
+target energy u(x) in kT + named loss terms. The module computes terms; it never decides the
+schedule: ``loss_weights`` (a dict term → weight) is set by the ``LossStages`` callback, or stays
+at the value given in the config.
+
+Public API (also what callbacks use): ``sample(n) -> (x, log_q)``, ``log_prob(x)``, ``energy(x)``,
+``topology``, ``system``. ``x`` is always Cartesian ``(B, N, 3)`` nm and ``log_q`` the density in
+Cartesian space (representation Jacobian included), so ``log_w = −u(x) − log_q(x)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import lightning as L
+import mdtraj as md
+import numpy as np
+import openmm.app as app
+import openmm.unit as unit
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from bg.energy import linlog_cut, target_energy
+from bg.systems import MolecularSystem
+
+
+def system_to_dict(system: MolecularSystem) -> dict:
+    """A checkpoint-friendly description of a system (PDB text, positions, force-field settings)."""
+    buf = io.StringIO()
+    app.PDBFile.writeFile(system.omm_topology, system.positions * unit.nanometer, buf, keepIds=True)
+    return dict(pdb=buf.getvalue(), positions=np.asarray(system.positions).tolist(), name=system.name,
+                forcefield=list(system.forcefield), temperature=system.temperature,
+                constraints=system.constraints, nonbonded_cutoff=system.nonbonded_cutoff)
+
+
+def system_from_dict(spec: dict) -> MolecularSystem:
+    spec = dict(spec)
+    pdb = app.PDBFile(io.StringIO(spec.pop("pdb")))
+    positions = np.asarray(spec.pop("positions"), dtype=np.float64)
+    return MolecularSystem(omm_topology=pdb.topology, positions=positions, **spec)
+
+
+class _SampleCounts(torch.utils.data.Dataset):
+    """Batches for ``predict``: item i is the number of samples to draw in batch i."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> int:
+        return self.sizes[i]
+
+
+class BoltzmannGenerator(L.LightningModule):
+    """Base LightningModule of a Boltzmann generator (see module docstring).
+
+    Args:
+        loss_weights: term → weight used when no ``LossStages`` callback is attached.
+        lr, weight_decay: Adam(W) settings (a stage may change ``lr``).
+        energy_backend: ``"auto"`` (torch force field where it applies), ``"torch"`` or ``"openmm"``.
+        energy_compile: ``torch.compile`` the torch force field (pays off on GPU and for large batches).
+        energy_cut: kT above which the training energy grows logarithmically (``linlog_cut``).
+        sample_batch_size: batch size of ``sample`` / prediction.
+        predict_samples: how many samples ``predict`` draws (in total, over all devices).
+    """
+
+    #: names of the loss terms the family computes (methods ``term_<name>``)
+    loss_terms: tuple[str, ...] = ()
+
+    def __init__(self, loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
+                 energy_backend: str = "auto", energy_compile: bool = False, energy_cut: float = 1e3,
+                 sample_batch_size: int = 1000, predict_samples: int = 10_000):
+        super().__init__()
+        self.loss_weights = dict(loss_weights or {"nll": 1.0})
+        self.check_loss_weights(self.loss_weights)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.energy_backend, self.energy_compile, self.energy_cut = energy_backend, energy_compile, energy_cut
+        self.sample_batch_size, self.predict_samples = sample_batch_size, predict_samples
+        self.system: MolecularSystem | None = None
+        # Held in a dict so that it is not a submodule: its buffers stay out of checkpoints.
+        self._energy_holder: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ building
+    def check_loss_weights(self, weights: dict[str, float]) -> None:
+        unknown = sorted(set(weights) - set(self.loss_terms))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has loss terms {', '.join(self.loss_terms)}; "
+                             f"unknown term(s) {', '.join(unknown)} in the loss weights")
+
+    @property
+    def is_built(self) -> bool:
+        return self.system is not None
+
+    def build(self, system: MolecularSystem, train_positions: Tensor | None) -> None:
+        """Create representation and flow for ``system``; fit data-dependent buffers (bounds, frozen
+        geometry, base statistics) to ``train_positions`` ``(F, N, 3)`` nm when given (when restoring
+        a checkpoint they come from the state dict instead)."""
+        self.system = system
+        self.build_model(system, train_positions)
+
+    def build_model(self, system: MolecularSystem, train_positions: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.is_built:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "system"):
+            raise ValueError(f"{type(self).__name__} needs an MD DataModule (data: datamodules.MDDataModule) "
+                             "to learn the molecule, or a checkpoint (ckpt_path) to restore it")
+        dm.setup(stage)
+        self.build(dm.system, dm.positions["train"])
+
+    def build_from_checkpoint(self, ckpt_path: str) -> None:
+        """Build the (untrained) modules for the molecule stored in a checkpoint; the weights are
+        loaded afterwards by Lightning or ``load_state_dict``."""
+        if not self.is_built:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if "bg_system" not in ckpt:
+                raise ValueError(f"{ckpt_path}: not a bg generator checkpoint (no 'bg_system' entry)")
+            self.build(system_from_dict(ckpt["bg_system"]), None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bg_system"] = system_to_dict(self.system)
+        checkpoint["bg_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["bg_loss_weights"] = dict(self.loss_weights)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.is_built:
+            self.build(system_from_dict(checkpoint["bg_system"]), None)
+        self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
+
+    # ------------------------------------------------------------------ physics
+    @property
+    def topology(self) -> md.Topology:
+        return self.system.topology
+
+    @property
+    def target(self) -> nn.Module:
+        """The physical target energy module ``(B, N, 3)`` nm → ``(B,)`` kT."""
+        if "u" not in self._energy_holder:
+            self._energy_holder["u"] = target_energy(self.system, backend=self.energy_backend,
+                                                     compile=self.energy_compile)
+        return self._energy_holder["u"]
+
+    def energy(self, x: Tensor) -> Tensor:
+        """Reduced energy u(x) ``(B,)`` in kT (float64) of frames ``(B, N, 3)`` nm; differentiable."""
+        target = self.target
+        buf = next(iter(target.buffers()), None)
+        if buf is not None and buf.device != x.device:
+            target.to(x.device)
+        return target(x.double())
+
+    def training_energy(self, x: Tensor) -> Tensor:
+        """``energy`` with the linear-logarithmic cut of huge values (for losses)."""
+        return linlog_cut(self.energy(x), high=self.energy_cut)
+
+    # ------------------------------------------------------------------ the generator
+    def sample_with_grad(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` reparameterised samples: x ``(n, N, 3)`` nm float64, log_q ``(n,)`` (Cartesian)."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Cartesian log density ``(B,)`` of frames ``(B, N, 3)`` nm."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples without gradients, in batches: x ``(n, N, 3)`` nm (float64) and log_q ``(n,)``."""
+        bs = batch_size or self.sample_batch_size
+        xs, lqs = [], []
+        for i in range(0, n, bs):
+            x, lq = self.sample_with_grad(min(bs, n - i))
+            xs.append(x)
+            lqs.append(lq)
+        return torch.cat(xs), torch.cat(lqs)
+
+    @torch.no_grad()
+    def sample_weighted(self, n: int, batch_size: int | None = None) -> dict[str, Tensor]:
+        """Samples with their energies and log importance weights: ``x``, ``log_q``, ``energy_kT``, ``log_w``."""
+        x, log_q = self.sample(n, batch_size)
+        bs = batch_size or self.sample_batch_size
+        u = torch.cat([self.energy(c) for c in x.split(bs)])
+        return dict(x=x, log_q=log_q, energy_kT=u, log_w=-u - log_q.double())
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x = batch[0]
+        loss = x.new_zeros((), dtype=torch.float32)
+        logs = {}
+        for name, weight in self.loss_weights.items():
+            if weight == 0:
+                continue
+            value = getattr(self, f"term_{name}")(x)
+            logs[f"train/{name}"] = value.detach()
+            loss = loss + weight * value.float()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: "
+                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items()))
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(x))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        x = batch[0]
+        self.log("val/nll", -self.log_prob(x).mean(), prog_bar=True, sync_dist=True, batch_size=len(x))
+
+    def test_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        x = batch[0]
+        self.log("test/nll", -self.log_prob(x).mean(), sync_dist=True, batch_size=len(x))
+
+    def predict_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        per_rank = math.ceil(self.predict_samples / world)
+        # Each rank gets its own sampler slice of the dataset; give every rank per_rank samples.
+        return DataLoader(_SampleCounts(per_rank * world, self.sample_batch_size), batch_size=None)
+
+    def predict_step(self, batch: int, batch_idx: int) -> dict[str, Tensor]:
+        out = self.sample_weighted(int(batch))
+        return {k: v.cpu() for k, v in out.items()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

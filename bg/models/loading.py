@@ -1,0 +1,31 @@
+"""Load a trained generator for notebooks and scripts: ``bg.load_generator(path)``."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from bg.models.base import BoltzmannGenerator
+
+
+def load_generator(ckpt_path: str | Path, map_location: str | torch.device = "cpu",
+                   strict: bool = True) -> BoltzmannGenerator:
+    """The generator saved in a Lightning checkpoint, in eval mode, ready to ``sample`` and ``energy``.
+
+    The molecule (topology, force field, temperature) travels inside the checkpoint, so neither the
+    config nor the MD data are needed. ``model.sample(n) -> (x, log_q)``: x ``(n, N, 3)`` nm,
+    log_q the Cartesian log density; ``model.energy(x)``: reduced energy in kT; ``model.topology``:
+    the mdtraj topology.
+    """
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if "bg_class" not in ckpt:
+        raise ValueError(f"{path}: not a bg generator checkpoint (no 'bg_class' entry)")
+    module, _, name = ckpt["bg_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    model = cls.load_from_checkpoint(path, map_location=map_location, strict=strict)
+    return model.eval()

@@ -1,0 +1,105 @@
+"""Figures of sample quality (matplotlib, headless): energy histograms and Ramachandran free energies.
+
+Each function returns a ``matplotlib.figure.Figure``; callers save or log it and close it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def _np(t: Tensor | np.ndarray) -> np.ndarray:
+    return t.detach().double().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t, dtype=np.float64)
+
+
+def _weights(log_w: Tensor | np.ndarray) -> np.ndarray:
+    lw = _np(log_w)
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    if not np.isfinite(lw).any():
+        return np.zeros_like(lw)
+    w = np.exp(lw - lw.max())
+    return w / w.sum()
+
+
+def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None, title: str = "") -> plt.Figure:
+    """Histogram of reduced energies (kT): MD data, generated samples and, with ``log_w``, generated
+    samples reweighted to the Boltzmann distribution. The range covers the data and the bulk of the
+    samples; the fraction of samples beyond it is printed in the legend."""
+    ud, ug = _np(u_data), _np(u_gen)
+    ud, fin = ud[np.isfinite(ud)], np.isfinite(ug)
+    lo = min(np.quantile(ud, 0.001), np.quantile(ug[fin], 0.01) if fin.any() else np.inf)
+    hi = np.quantile(ud, 0.999) + 0.5 * (np.quantile(ud, 0.999) - np.quantile(ud, 0.001))
+    bins = np.linspace(lo, hi, 80)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(ud, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color="gray", label="MD data")
+    outside = float(((ug > hi) | ~fin).mean())
+    ax.hist(ug[fin], bins=bins, density=True, histtype="step", lw=1.5, color="C0",
+            label=f"generated ({outside:.0%} beyond range)")
+    if log_w is not None:
+        w = _weights(log_w)
+        if w.sum() > 0:
+            ax.hist(ug[fin], bins=bins, weights=w[fin], density=True, histtype="step", lw=1.5, color="C3",
+                    label="reweighted")
+    ax.set_xlabel("energy u (kT)")
+    ax.set_ylabel("density")
+    ax.set_title(title or "sample energies")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _free_energy(phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None, bins: int) -> np.ndarray:
+    h, _, _ = np.histogram2d(phi, psi, bins=bins, range=[[-math.pi, math.pi], [-math.pi, math.pi]], weights=weights)
+    with np.errstate(divide="ignore"):
+        f = -np.log(h / max(h.sum(), 1e-300))
+    return f - np.min(f[np.isfinite(f)]) if np.isfinite(f).any() else f
+
+
+def ramachandran(sets: dict[str, tuple[Tensor, Tensor, Tensor | None]], residue_labels: list[str] | None = None,
+                 bins: int = 60, max_free_energy: float = 8.0, max_residues: int = 6) -> plt.Figure:
+    """Per-residue Ramachandran free-energy maps, −log p(φ, ψ) in kT, one column per data set.
+
+    Args:
+        sets: name → (φ ``(B, R)``, ψ ``(B, R)``, log weights ``(B,)`` or None), e.g. ``{"MD data":
+            (φ, ψ, None), "generated": (φ, ψ, None), "reweighted": (φ, ψ, log_w)}``.
+        residue_labels: names of the R residues (rows).
+        max_residues: plot at most this many residues (evenly spread along the chain).
+    """
+    first = next(iter(sets.values()))[0]
+    n_res = first.shape[1]
+    rows = np.unique(np.linspace(0, n_res - 1, min(n_res, max_residues)).round().astype(int))
+    fig, axes = plt.subplots(len(rows), len(sets), figsize=(3.1 * len(sets), 2.9 * len(rows)), squeeze=False)
+    ticks = [-math.pi, 0, math.pi]
+    for c, (name, (phi, psi, log_w)) in enumerate(sets.items()):
+        p, s = _np(phi), _np(psi)
+        w = _weights(log_w) if log_w is not None else None
+        ok = np.isfinite(p).all(1) & np.isfinite(s).all(1)
+        for r_i, r in enumerate(rows):
+            ax = axes[r_i, c]
+            f = _free_energy(p[ok, r], s[ok, r], w[ok] if w is not None else None, bins)
+            im = ax.imshow(np.clip(f, 0, max_free_energy).T, origin="lower", extent=[-math.pi, math.pi, -math.pi, math.pi],
+                           cmap="viridis", vmin=0, vmax=max_free_energy, aspect="equal")
+            ax.set_xticks(ticks, ["−π", "0", "π"])
+            ax.set_yticks(ticks, ["−π", "0", "π"])
+            label = residue_labels[r] if residue_labels else f"residue {r}"
+            ax.set_title(f"{name}: {label}", fontsize=8)
+            if r_i == len(rows) - 1:
+                ax.set_xlabel("φ")
+            if c == 0:
+                ax.set_ylabel("ψ")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="free energy (kT)")
+    return fig
+
+
+def close(fig: plt.Figure) -> None:
+    plt.close(fig)
+
+
+__all__ = ["close", "energy_histogram", "ramachandran"]

@@ -1,0 +1,155 @@
+"""Sample-quality evaluation during training: draw samples, weigh them, compare with held-out MD.
+
+Every ``every_n_epochs`` validation epochs the generator draws ``n_samples`` (split over DDP
+ranks) and logs, all as torchmetrics reduced across ranks:
+
+- ``val/ess``: Kish ESS / n of log w = −u(x) − log q(x);
+- ``val/distance_distortion``: ΔD (nm), mean over heavy backbone atom pairs of |mean generated
+  distance − mean reference distance|;
+- ``val/energy_w2``: 1-D 2-Wasserstein distance (kT) between generated and reference energies
+  (finite samples only);
+- ``val/torsion_w2`` and ``val/torsion_w2_reweighted``: periodic 1-D 2-Wasserstein distance (rad)
+  between generated (raw / importance-reweighted) and reference φ and ψ, averaged over residues;
+- ``val/finite_fraction`` and ``val/low_energy_fraction`` (energy ≤ the highest reference energy);
+- for a single-residue peptide (alanine dipeptide), ``val/basin_<name>`` and
+  ``val/basin_<name>_reweighted`` populations of the φ/ψ basins (``bg.analysis.BASINS``).
+
+Figures (rank 0's samples): energy histogram (MD / generated / reweighted) and Ramachandran
+free-energy maps (MD / generated / reweighted), plus W&B/TensorBoard histograms of energies and
+log weights. The reference is the DataModule's ``val`` split (at most ``max_reference`` frames,
+evenly strided).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from bg import plots
+from bg.analysis import BASINS, backbone_pairs, basin_index, phi_psi_atoms, torsions
+from bg.metrics import DistanceDistortion, EffectiveSampleSize, Wasserstein1D, WeightedFraction, pairwise_distances
+from callbacks.figures import log_figure, log_histogram
+
+
+class SampleEvaluation(Callback):
+    """Evaluate generated samples against held-out MD (see module docstring).
+
+    Args:
+        every_n_epochs: evaluate after every n-th validation epoch (and after the last one).
+        n_samples: samples per evaluation, over all ranks.
+        batch_size: sampling batch size (default: the module's ``sample_batch_size``).
+        reference: DataModule split used as reference (``val`` or ``test``).
+        max_reference: at most this many reference frames.
+        figures: log energy histograms and Ramachandran plots.
+        figures_every_n_evals: figures on every n-th evaluation only (they cost a second or two).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, n_samples: int = 2000, batch_size: int | None = None,
+                 reference: str = "val", max_reference: int = 5000, figures: bool = True,
+                 figures_every_n_evals: int = 1):
+        super().__init__()
+        if every_n_epochs < 1 or n_samples < 1:
+            raise ValueError("SampleEvaluation: every_n_epochs and n_samples must be ≥ 1")
+        self.every_n_epochs, self.n_samples, self.batch_size = every_n_epochs, n_samples, batch_size
+        self.reference, self.max_reference = reference, max_reference
+        self.figures, self.figures_every = figures, figures_every_n_evals
+        self._ref: dict[str, Tensor] | None = None
+        self._evals = 0
+
+    # ------------------------------------------------------------------ reference
+    def _reference(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        if self._ref is not None:
+            return self._ref
+        dm = trainer.datamodule
+        if dm is None or not getattr(dm, "positions", None):
+            raise ValueError("SampleEvaluation needs the MD DataModule's held-out frames (data.positions)")
+        x = dm.positions[self.reference]
+        if len(x) == 0:
+            raise ValueError(f"SampleEvaluation: the '{self.reference}' split is empty; give data.split a non-zero "
+                             f"{self.reference} fraction")
+        stride = max(1, math.ceil(len(x) / self.max_reference))
+        x = x[::stride].to(pl_module.device).double()
+        top = pl_module.topology
+        pairs = backbone_pairs(top).to(x.device)
+        phi_q, psi_q = phi_psi_atoms(top)
+        phi_q, psi_q = phi_q.to(x.device), psi_q.to(x.device)
+        with torch.no_grad():
+            u = torch.cat([pl_module.energy(c) for c in x.split(1000)])
+        self._ref = dict(x=x, pairs=pairs, phi_q=phi_q, psi_q=psi_q, energy=u,
+                         distance_mean=pairwise_distances(x, pairs).mean(0),
+                         phi=torsions(x, phi_q), psi=torsions(x, psi_q))
+        return self._ref
+
+    # ------------------------------------------------------------------ hook
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or math.inf)
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
+            return
+        self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        ref = self._reference(trainer, pl_module)
+        dev = pl_module.device
+        n_local = math.ceil(self.n_samples / trainer.world_size)
+        with torch.no_grad():
+            out = pl_module.sample_weighted(n_local, self.batch_size)
+        x, u, log_w = out["x"], out["energy_kT"], out["log_w"]
+        phi, psi = torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])
+        angles, ref_angles = torch.cat([phi, psi], 1), torch.cat([ref["phi"], ref["psi"]], 1)
+
+        metrics = {
+            "ess": EffectiveSampleSize(),
+            "distance_distortion": DistanceDistortion(ref["distance_mean"]),
+            "energy_w2": Wasserstein1D(ref["energy"][:, None]),
+            "torsion_w2": Wasserstein1D(ref_angles, periodic=True),
+            "torsion_w2_reweighted": Wasserstein1D(ref_angles, periodic=True, weighted=True),
+            "finite_fraction": MeanMetric(),
+            "low_energy_fraction": MeanMetric(),
+        }
+        finite = torch.isfinite(u) & torch.isfinite(log_w)
+        metrics["ess"].update(log_w)
+        metrics["distance_distortion"].update(pairwise_distances(x, ref["pairs"]))
+        metrics["energy_w2"].update(u[:, None])
+        metrics["torsion_w2"].update(angles)
+        metrics["torsion_w2_reweighted"].update(angles, log_w)
+        metrics["finite_fraction"].update(finite.double())
+        metrics["low_energy_fraction"].update((finite & (u <= ref["energy"].max())).double())
+        if phi.shape[1] == 1:
+            basins = basin_index(phi[:, 0], psi[:, 0])
+            for k, name in enumerate(BASINS):
+                metrics[f"basin_{name}"] = MeanMetric()
+                metrics[f"basin_{name}"].update((basins == k).double())
+                metrics[f"basin_{name}_reweighted"] = WeightedFraction()
+                metrics[f"basin_{name}_reweighted"].update(log_w, basins == k)
+        values = {}
+        for name, metric in metrics.items():
+            metric.to(dev)
+            values[name] = float(metric.compute())
+        for name, value in values.items():
+            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=False)
+
+        self._evals += 1
+        if self.figures and (self._evals - 1) % self.figures_every == 0:
+            self._figures(trainer, pl_module, ref, u, log_w, phi, psi)
+        return values
+
+    def _figures(self, trainer, pl_module, ref, u, log_w, phi, psi) -> None:
+        if not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        log_figure(trainer, "figures/energy", plots.energy_histogram(ref["energy"], u, log_w,
+                                                                      title=f"energies, epoch {epoch}"))
+        top = pl_module.topology
+        labels = [f"{top.atom(int(q[1])).residue}" for q in ref["phi_q"]]
+        sets = {"MD data": (ref["phi"], ref["psi"], None), "generated": (phi, psi, None),
+                "reweighted": (phi, psi, log_w)}
+        log_figure(trainer, "figures/ramachandran", plots.ramachandran(sets, labels))
+        log_histogram(trainer, "hist/energy_generated", u.cpu().numpy())
+        log_histogram(trainer, "hist/log_w", log_w.cpu().numpy())
