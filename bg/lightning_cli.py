@@ -73,6 +73,10 @@ class BGCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
+        shown = ("val/ess", "val/nll", "val/torsion_w2", "val/torsion_w2_reweighted", "val/distance_distortion")
+        summary = [f"{k} {float(trainer.callback_metrics[k]):.4g}" for k in shown if k in trainer.callback_metrics]
+        if summary:
+            print("final evaluation: " + ", ".join(summary))
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and getattr(ckpt, "best_model_path", ""):
             print(f"checkpoint: {ckpt.best_model_path}")

@@ -7,7 +7,8 @@ ranks) and logs, all as torchmetrics reduced across ranks:
 - ``val/distance_distortion``: ΔD (nm), mean over heavy backbone atom pairs of |mean generated
   distance − mean reference distance|;
 - ``val/energy_w2``: 1-D 2-Wasserstein distance (kT) between generated and reference energies
-  (finite samples only);
+  (finite samples only; generated energies above the highest reference energy + ``energy_cap``
+  count as that value, so that a few clashes read as a bounded penalty, not 10^12);
 - ``val/torsion_w2`` and ``val/torsion_w2_reweighted``: periodic 1-D 2-Wasserstein distance (rad)
   between generated (raw / importance-reweighted) and reference φ and ψ, averaged over residues;
 - ``val/finite_fraction`` and ``val/low_energy_fraction`` (energy ≤ the highest reference energy);
@@ -47,17 +48,20 @@ class SampleEvaluation(Callback):
         max_reference: at most this many reference frames.
         figures: log energy histograms and Ramachandran plots.
         figures_every_n_evals: figures on every n-th evaluation only (they cost a second or two).
+        energy_cap: kT above the highest reference energy at which generated energies are capped
+            for ``val/energy_w2``.
     """
 
     def __init__(self, every_n_epochs: int = 1, n_samples: int = 2000, batch_size: int | None = None,
                  reference: str = "val", max_reference: int = 5000, figures: bool = True,
-                 figures_every_n_evals: int = 1):
+                 figures_every_n_evals: int = 1, energy_cap: float = 20.0):
         super().__init__()
         if every_n_epochs < 1 or n_samples < 1:
             raise ValueError("SampleEvaluation: every_n_epochs and n_samples must be ≥ 1")
         self.every_n_epochs, self.n_samples, self.batch_size = every_n_epochs, n_samples, batch_size
         self.reference, self.max_reference = reference, max_reference
         self.figures, self.figures_every = figures, figures_every_n_evals
+        self.energy_cap = energy_cap
         self._ref: dict[str, Tensor] | None = None
         self._evals = 0
 
@@ -116,7 +120,8 @@ class SampleEvaluation(Callback):
         finite = torch.isfinite(u) & torch.isfinite(log_w)
         metrics["ess"].update(log_w)
         metrics["distance_distortion"].update(pairwise_distances(x, ref["pairs"]))
-        metrics["energy_w2"].update(u[:, None])
+        # Clashing samples (10^3..10^12 kT) would make the W2 meaningless; they count at the cap.
+        metrics["energy_w2"].update(torch.clamp(u, max=float(ref["energy"].max()) + self.energy_cap)[:, None])
         metrics["torsion_w2"].update(angles)
         metrics["torsion_w2_reweighted"].update(angles, log_w)
         metrics["finite_fraction"].update(finite.double())
@@ -133,7 +138,7 @@ class SampleEvaluation(Callback):
             metric.to(dev)
             values[name] = float(metric.compute())
         for name, value in values.items():
-            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=False, rank_zero_only=False)
+            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=False, prog_bar=name == "ess")
 
         self._evals += 1
         if self.figures and (self._evals - 1) % self.figures_every == 0:
