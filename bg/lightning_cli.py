@@ -77,11 +77,13 @@ class BGCLI(LightningCLI):
         summary = [f"{k} {float(trainer.callback_metrics[k]):.4g}" for k in shown if k in trainer.callback_metrics]
         if summary:
             print("final evaluation: " + ", ".join(summary))
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-            print(f"checkpoint: {ckpt.best_model_path}")
-        if ckpt is not None and getattr(ckpt, "last_model_path", ""):
-            print(f"last checkpoint: {ckpt.last_model_path}")
+        for ckpt in trainer.checkpoint_callbacks:
+            if getattr(ckpt, "last_model_path", ""):
+                print(f"last checkpoint: {ckpt.last_model_path}")
+            if getattr(ckpt, "best_model_path", "") and ckpt.monitor:
+                print(f"best checkpoint by {ckpt.monitor} ({float(ckpt.best_model_score):.4g}): {ckpt.best_model_path}")
+            elif getattr(ckpt, "best_model_path", ""):
+                print(f"checkpoint: {ckpt.best_model_path}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run_dir = Path(logger.experiment.dir).parent

@@ -41,7 +41,8 @@ class SampleEvaluation(Callback):
     """Evaluate generated samples against held-out MD (see module docstring).
 
     Args:
-        every_n_epochs: evaluate after every n-th validation epoch (and after the last one).
+        every_n_epochs: evaluate on validation runs at the end of epochs 1-based divisible by n (and at
+            the last epoch); combine with ``trainer.check_val_every_n_epoch``.
         n_samples: samples per evaluation, over all ranks.
         batch_size: sampling batch size (default: the module's ``sample_batch_size``).
         reference: DataModule split used as reference (``val`` or ``test``).
@@ -102,7 +103,10 @@ class SampleEvaluation(Callback):
         ref = self._reference(trainer, pl_module)
         dev = pl_module.device
         n_local = math.ceil(self.n_samples / trainer.world_size)
-        with torch.no_grad():
+        # Own, reproducible random stream per (step, rank): ranks must not draw the same samples, and
+        # evaluating must not change the training's random stream.
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(1_000_003 * trainer.global_step + trainer.global_rank)
             out = pl_module.sample_weighted(n_local, self.batch_size)
         x, u, log_w = out["x"], out["energy_kT"], out["log_w"]
         phi, psi = torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])
@@ -117,6 +121,7 @@ class SampleEvaluation(Callback):
             "finite_fraction": MeanMetric(),
             "low_energy_fraction": MeanMetric(),
         }
+        metrics = {name: metric.to(dev) for name, metric in metrics.items()}
         finite = torch.isfinite(u) & torch.isfinite(log_w)
         metrics["ess"].update(log_w)
         metrics["distance_distortion"].update(pairwise_distances(x, ref["pairs"]))
@@ -129,13 +134,12 @@ class SampleEvaluation(Callback):
         if phi.shape[1] == 1:
             basins = basin_index(phi[:, 0], psi[:, 0])
             for k, name in enumerate(BASINS):
-                metrics[f"basin_{name}"] = MeanMetric()
+                metrics[f"basin_{name}"] = MeanMetric().to(dev)
                 metrics[f"basin_{name}"].update((basins == k).double())
-                metrics[f"basin_{name}_reweighted"] = WeightedFraction()
+                metrics[f"basin_{name}_reweighted"] = WeightedFraction().to(dev)
                 metrics[f"basin_{name}_reweighted"].update(log_w, basins == k)
         values = {}
         for name, metric in metrics.items():
-            metric.to(dev)
             values[name] = float(metric.compute())
         for name, value in values.items():
             pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=False, prog_bar=name == "ess")

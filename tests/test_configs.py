@@ -17,3 +17,30 @@ def test_data_configs_instantiate_the_datamodule(path):
     dm = parser.instantiate(cfg).data
     assert isinstance(dm, MDDataModule)
     assert dm.batch_size == yaml.safe_load(path.read_text())["data"]["init_args"]["batch_size"]
+
+
+MODEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_nsf*.yaml"))
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=[p.stem for p in MODEL_CONFIGS])
+def test_training_configs_parse_and_build_every_component(path, tmp_path):
+    """Each training config goes through the real LightningCLI parser and instantiates model,
+    data, callbacks and logger classes (without running or touching data)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bg.lightning_cli import BGCLI
+    from bg.models import SplitChannelNSF
+    from callbacks import LossStages, SampleEvaluation
+
+    cli = BGCLI(args=["--config", str(path), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                model_class=SplitChannelNSF.__mro__[1], datamodule_class=MDDataModule.__mro__[1],
+                subclass_mode_model=True, subclass_mode_data=True, run=False)
+    assert isinstance(cli.model, SplitChannelNSF) and isinstance(cli.datamodule, MDDataModule)
+    assert isinstance(cli.trainer.logger, CSVLogger)
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert LossStages in kinds and SampleEvaluation in kinds
+    stages = next(c for c in cli.trainer.callbacks if isinstance(c, LossStages)).stages
+    assert [s.name for s in stages] == ["ml", "ml_w2", "ml_w2_kl", "kl_ml"]
+    epochs = sum(s.epochs or 0 for s in stages)
+    assert epochs <= cli.trainer.max_epochs

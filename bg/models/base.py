@@ -191,6 +191,12 @@ class BoltzmannGenerator(L.LightningModule):
         return dict(x=x, log_q=log_q, energy_kT=u, log_w=-u - log_q.double())
 
     # ------------------------------------------------------------------ Lightning
+    def on_train_start(self) -> None:
+        # seed_everything gives every DDP rank the same seed: the flow's own samples (w2, kl) would be
+        # identical on all ranks and the averaged gradient no better than one rank's.
+        if self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + 7919 * self.trainer.global_rank) % 2**63)
+
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
         loss = x.new_zeros((), dtype=torch.float32)
