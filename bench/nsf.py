@@ -9,6 +9,9 @@ alanine dipeptide the φ/ψ basin populations. Writes a Markdown table.
     python bench/nsf.py --label split=configs/aldp_nsf.yaml --label baseline=configs/aldp_nsf_baseline.yaml \\
         --epoch-scale 0.3 --out bench/results/nsf_aldp.md
     python bench/nsf.py --evaluate split=runs/.../last.ckpt --data-config configs/aldp_nsf.yaml --out ...
+    python bench/nsf.py --label split=configs/hp35_nsf.yaml \
+        --label "baseline=configs/hp35_nsf.yaml --model.init_args.split_channels=false \
+                 --model.init_args.conditioner=mlp --model.init_args.width=256" --epoch-scale 0.3 --out ...
 """
 
 from __future__ import annotations
@@ -123,7 +126,8 @@ def markdown(rows: dict[str, dict], times: dict[str, float], command: str, note:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--label", action="append", default=[], help="label=config.yaml to train and evaluate")
+    parser.add_argument("--label", action="append", default=[],
+                        help="'label=config.yaml [--cli.override=value ...]' to train and evaluate")
     parser.add_argument("--evaluate", action="append", default=[], help="label=checkpoint to evaluate only")
     parser.add_argument("--data-config", help="config whose data section to evaluate on (default: first --label)")
     parser.add_argument("--epoch-scale", type=float, default=1.0)
@@ -134,7 +138,11 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="extra CLI overrides passed to every bg fit (after --)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    pairs = [s.split("=", 1) for s in args.label]
+    pairs = []
+    for item in args.label:
+        label, rest = item.split("=", 1)
+        config, *overrides = rest.split()
+        pairs.append((label, config, overrides))
     evals = [s.split("=", 1) for s in args.evaluate]
     data_config = Path(args.data_config or pairs[0][1])
     data = yaml.safe_load(data_config.read_text())["data"]["init_args"]
@@ -147,8 +155,9 @@ def main() -> None:
     dm.prepare_data()
     dm.setup()
     times, ckpts = {}, {}
-    for label, config in pairs:
-        ckpts[label], times[label] = train(label, ROOT / config, args.epoch_scale, ROOT / args.workdir, args.extra)
+    for label, config, overrides in pairs:
+        ckpts[label], times[label] = train(label, ROOT / config, args.epoch_scale, ROOT / args.workdir,
+                                           overrides + args.extra)
     ckpts.update({label: Path(path) for label, path in evals})
     rows = {label: evaluate(path, dm, args.samples) for label, path in ckpts.items()}
     command = "python " + " ".join(sys.argv)
