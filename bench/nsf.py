@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -160,7 +161,7 @@ def main() -> None:
                                            overrides + args.extra)
     ckpts.update({label: Path(path) for label, path in evals})
     rows = {label: evaluate(path, dm, args.samples) for label, path in ckpts.items()}
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     text = markdown(rows, times, command, args.note)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
