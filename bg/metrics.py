@@ -104,11 +104,8 @@ def _quantiles(values: Tensor, weights: Tensor | None, m: int) -> Tensor:
         w = weights.double() / weights.double().sum()
         wc = w[order]  # (n, C)
         cdf = torch.cumsum(wc, 0) - 0.5 * wc
-    cols = []
-    for c in range(v.shape[1]):
-        idx = torch.searchsorted(cdf[:, c].contiguous(), levels).clamp(max=n - 1)
-        cols.append(v[idx, c])
-    return torch.stack(cols, 1)
+    idx = torch.searchsorted(cdf.T.contiguous(), levels.expand(v.shape[1], m).contiguous()).clamp(max=n - 1)
+    return v.gather(0, idx.T)
 
 
 def w2_1d(a: Tensor, b: Tensor, weights_a: Tensor | None = None, m: int = 1024) -> Tensor:

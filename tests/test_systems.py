@@ -70,6 +70,13 @@ def test_save_load_round_trip(tmp_path, aldp_system):
     assert [a.name for a in back.topology.atoms] == [a.name for a in aldp_system.topology.atoms]
 
 
+def test_dict_round_trip(aldp_system):
+    back = MolecularSystem.from_dict(aldp_system.to_dict())
+    assert back.temperature == aldp_system.temperature and back.forcefield == aldp_system.forcefield
+    np.testing.assert_array_equal(back.positions, aldp_system.positions)
+    assert back.topology.n_bonds == aldp_system.topology.n_bonds
+
+
 def _write_pdb(system, path):
     from openmm import app, unit
 

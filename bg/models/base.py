@@ -12,37 +12,17 @@ Cartesian space (representation Jacobian included), so ``log_w = −u(x) − log
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
 import lightning as L
 import mdtraj as md
-import numpy as np
-import openmm.app as app
-import openmm.unit as unit
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bg.energy import linlog_cut, target_energy
 from bg.systems import MolecularSystem
-
-
-def system_to_dict(system: MolecularSystem) -> dict:
-    """A checkpoint-friendly description of a system (PDB text, positions, force-field settings)."""
-    buf = io.StringIO()
-    app.PDBFile.writeFile(system.omm_topology, system.positions * unit.nanometer, buf, keepIds=True)
-    return dict(pdb=buf.getvalue(), positions=np.asarray(system.positions).tolist(), name=system.name,
-                forcefield=list(system.forcefield), temperature=system.temperature,
-                constraints=system.constraints, nonbonded_cutoff=system.nonbonded_cutoff)
-
-
-def system_from_dict(spec: dict) -> MolecularSystem:
-    spec = dict(spec)
-    pdb = app.PDBFile(io.StringIO(spec.pop("pdb")))
-    positions = np.asarray(spec.pop("positions"), dtype=np.float64)
-    return MolecularSystem(omm_topology=pdb.topology, positions=positions, **spec)
 
 
 class _SampleCounts(torch.utils.data.Dataset):
@@ -125,16 +105,16 @@ class BoltzmannGenerator(L.LightningModule):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             if "bg_system" not in ckpt:
                 raise ValueError(f"{ckpt_path}: not a bg generator checkpoint (no 'bg_system' entry)")
-            self.build(system_from_dict(ckpt["bg_system"]), None)
+            self.build(MolecularSystem.from_dict(ckpt["bg_system"]), None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bg_system"] = system_to_dict(self.system)
+        checkpoint["bg_system"] = self.system.to_dict()
         checkpoint["bg_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["bg_loss_weights"] = dict(self.loss_weights)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.is_built:
-            self.build(system_from_dict(checkpoint["bg_system"]), None)
+            self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
         self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
 
     # ------------------------------------------------------------------ physics

@@ -104,20 +104,17 @@ class SplitChannelNSF(BoltzmannGenerator):
     # ------------------------------------------------------------------ building
     def build_model(self, system: MolecularSystem, train_positions: Tensor | None) -> None:
         rep = InternalCoordinates(system.topology, reduced=self.reduced)
-        d = None
         if train_positions is not None:
             x = train_positions.double()
             if self.reduced:
                 rep.fit(x)
             z = torch.cat([rep(c)[0] for c in x.split(4096)])
-            d = z.shape[1]
             lo, hi = z.min(0).values, z.max(0).values
             margin = self.bound_margin * (hi - lo) + 1e-4
             low = (lo - margin).clamp(min=1e-3)
             high = torch.where(rep.is_angle, (hi + margin).clamp(max=math.pi - 1e-3), hi + margin)
         else:  # restored from a checkpoint: the buffers are overwritten by the state dict
-            d = rep.dim
-            low, high = torch.full((d,), 0.0, dtype=torch.float64), torch.full((d,), 1.0, dtype=torch.float64)
+            low, high = torch.zeros(rep.dim, dtype=torch.float64), torch.ones(rep.dim, dtype=torch.float64)
         circ = rep.is_torsion
         low = torch.where(circ, -math.pi, low)
         high = torch.where(circ, math.pi, high)

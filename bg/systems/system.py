@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -122,17 +123,36 @@ class MolecularSystem:
         return md.Trajectory(xyz.astype(np.float32), self.topology)
 
     # ------------------------------------------------------------------ persistence
+    def _settings(self) -> dict:
+        return dict(name=self.name, forcefield=list(self.forcefield), temperature=self.temperature,
+                    constraints=self.constraints, nonbonded_cutoff=self.nonbonded_cutoff, metadata=self.metadata)
+
+    def _pdb_text(self) -> str:
+        buf = io.StringIO()
+        app.PDBFile.writeFile(self.omm_topology, self.positions * unit.nanometer, buf, keepIds=True)
+        return buf.getvalue()
+
+    def to_dict(self) -> dict:
+        """Everything needed to rebuild the system, as plain data (PDB text, full-precision positions,
+        settings), e.g. to travel inside a checkpoint."""
+        return dict(self._settings(), pdb=self._pdb_text(), positions=np.asarray(self.positions).tolist())
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "MolecularSystem":
+        """The inverse of :meth:`to_dict`."""
+        spec = dict(spec)
+        pdb = app.PDBFile(io.StringIO(spec.pop("pdb")))
+        positions = np.asarray(spec.pop("positions"), dtype=np.float64)
+        return cls(omm_topology=pdb.topology, positions=positions, **spec)
+
     def save(self, directory: str | Path) -> Path:
         """Write ``<name>.pdb`` (topology + reference positions, full precision kept in .npy) and
         ``system.json`` (force field, temperature, settings) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / "topology.pdb", "w") as fh:
-            app.PDBFile.writeFile(self.omm_topology, self.positions * unit.nanometer, fh, keepIds=True)
+        (directory / "topology.pdb").write_text(self._pdb_text())
         np.save(directory / "positions.npy", self.positions)
-        spec = dict(name=self.name, forcefield=list(self.forcefield), temperature=self.temperature,
-                    constraints=self.constraints, nonbonded_cutoff=self.nonbonded_cutoff, metadata=self.metadata)
-        (directory / "system.json").write_text(json.dumps(spec, indent=2))
+        (directory / "system.json").write_text(json.dumps(self._settings(), indent=2))
         return directory
 
     @classmethod
