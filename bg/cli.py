@@ -5,6 +5,8 @@ Commands:
                                    ``bg fit --help`` and ``bg.lightning_cli``)
     data   generate (or check) a training dataset: MD of a built-in system, cached, or your
            topology + trajectories; prints where the frames are and how they are split.
+    sweep-command FILE [--seed N]   the command a W&B agent would run for one drawn trial of a
+           sweep file (a dry run, no W&B server needed); see ``bg.sweeps``.
 """
 
 from __future__ import annotations
@@ -72,10 +74,19 @@ def main(argv: list[str] | None = None) -> int:
 
         run(argv)
         return 0
+    if argv and argv[0] == "sweep-command":
+        from bg.sweeps import main as sweep_main
+
+        try:
+            sweep_main(argv[1:])
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"bg: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         print(f"\nLightning commands: {', '.join(LIGHTNING_COMMANDS)} (e.g. bg fit --config configs/aldp_nsf.yaml; "
-              "bg fit --help)")
+              "bg fit --help)\nsweep-command FILE [--seed N]: the command a W&B agent would run for one trial")
         return 0 if argv else 2
     args = build_parser().parse_args(argv)
     if args.command == "data" and args.system is None and args.topology is None:

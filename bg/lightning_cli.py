@@ -4,19 +4,32 @@ Defaults that differ from Lightning's: a W&B logger in offline mode writing to `
 ``trainer.logger.init_args.offline: false`` or ``WANDB_MODE=online`` to stream; ``wandb sync``
 uploads an offline run later), no automatic flat hyper-parameter dump (the resolved config is
 saved instead as ``bg_config.yaml`` in the run's own folder, which for W&B is uploaded with it).
+
+Fault tolerance added to every ``fit``: checkpoints are written atomically (``AtomicCheckpointIO``),
+SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``), and ``--ckpt_path last`` finds
+the newest ``last.ckpt`` of the same generator and molecule among the runs under the logger's folder.
+The loss schedule is the top-level ``loss`` group (``callbacks.LossStages``). Inside a W&B sweep
+agent (``WANDB_SWEEP_ID`` set) the logger goes online unless ``WANDB_MODE=offline``, and joins the
+agent's run.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import callbacks  # noqa: F401  (short class names in configs resolve to these)
 import datamodules  # noqa: F401
+from bg.checkpointing import AtomicCheckpointIO, find_last_checkpoint
 from bg.models import BoltzmannGenerator
+from callbacks import LossStages, PreemptionCheckpoint
+from callbacks.figures import run_directory
 
 CONFIG_NAME = "bg_config.yaml"
 
@@ -27,14 +40,6 @@ TRAINER_DEFAULTS = {
     },
     "enable_autolog_hparams": False,
 }
-
-
-def run_directory(trainer: L.Trainer) -> Path | None:
-    """The folder of this run's logs: the W&B run folder, or the logger's log_dir."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            return Path(logger.experiment.dir).parent
-    return Path(trainer.log_dir) if trainer.log_dir else None
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -52,7 +57,7 @@ class RunConfigSaver(SaveConfigCallback):
             if isinstance(logger, WandbLogger):
                 directory = Path(logger.experiment.dir)  # files/ of the W&B run: synced with it
         if directory is None:
-            directory = Path(trainer.log_dir or trainer.default_root_dir)
+            directory = run_directory(trainer)  # rank 0 only here: must not broadcast
         directory.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(directory / self.config_filename), skip_none=False, overwrite=True)
         for logger in trainer.loggers:
@@ -60,6 +65,48 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class BGCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(LossStages, "loss")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.get("trainer.logger")
+        in_sweep = bool(os.environ.get("WANDB_SWEEP_ID")) and os.environ.get("WANDB_MODE") != "offline"
+        if in_sweep and getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("offline"):
+            # An offline run cannot report to the sweep controller, which then never sees the metric.
+            logger.init_args.offline = False
+            print("W&B sweep agent detected (WANDB_SWEEP_ID): logging online to the agent's run")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self._last_checkpoint()
+
+    def _last_checkpoint(self) -> str | None:
+        trainer, model = self.trainer, self.model
+        if any(isinstance(cb, ModelCheckpoint) and cb.dirpath for cb in trainer.checkpoint_callbacks):
+            return "last"  # a fixed checkpoint folder: Lightning finds last.ckpt there itself
+        roots = [Path(lg.save_dir or trainer.default_root_dir) / str(lg.name) for lg in trainer.loggers]
+        roots = roots or [Path(trainer.default_root_dir)]
+        system = getattr(self.datamodule, "system", None)
+        bg_class = f"{type(model).__module__}.{type(model).__qualname__}"
+        found = find_last_checkpoint(roots, bg_class, getattr(system, "name", None))
+        if found is None:
+            print(f"--ckpt_path last: no last.ckpt of {type(model).__name__} for this molecule under "
+                  f"{', '.join(map(str, roots))}; starting from scratch", flush=True)
+            return None
+        print(f"--ckpt_path last: resuming {found['path']} (epoch {found['epoch']}, step {found['global_step']})",
+              flush=True)
+        return found["path"]
+
     def predict(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None,
                 ckpt_path: str | None = None, **kwargs):
         """Sampling needs the trained checkpoint, not the MD data: the molecule is inside it."""

@@ -1,11 +1,12 @@
-"""Lightning callbacks: loss-stage schedule, sample evaluation and figures, sample writer.
+"""Lightning callbacks: loss-stage schedule, sample evaluation and figures, sample writer, preemption.
 
 By design a callback never builds a flow: it calls the generator's public API (``sample``,
 ``sample_weighted``, ``energy``, ``loss_weights``).
 """
 
 from callbacks.evaluation import SampleEvaluation
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.stages import LossStages, Stage
 from callbacks.writer import SampleWriter
 
-__all__ = ["LossStages", "SampleEvaluation", "SampleWriter", "Stage"]
+__all__ = ["LossStages", "PreemptionCheckpoint", "SampleEvaluation", "SampleWriter", "Stage"]

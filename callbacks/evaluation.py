@@ -1,7 +1,9 @@
 """Sample-quality evaluation during training: draw samples, weigh them, compare with held-out MD.
 
-Every ``every_n_epochs`` validation epochs the generator draws ``n_samples`` (split over DDP
-ranks) and logs, all as torchmetrics reduced across ranks:
+Every ``every_n_epochs`` validation epochs the generator draws ``n_samples`` and logs, all as
+torchmetrics reduced across ranks. The samples come in chunks seeded by (step, chunk index) and
+dealt round-robin to the ranks, so that any number of ranks draws the same samples as one process
+and logs the same values (``chunks``, ``draw``):
 
 - ``val/ess``: Kish ESS / n of log w = −u(x) − log q(x);
 - ``val/distance_distortion``: ΔD (nm), mean over heavy backbone atom pairs of |mean generated
@@ -102,12 +104,7 @@ class SampleEvaluation(Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         ref = self._reference(trainer, pl_module)
         dev = pl_module.device
-        n_local = math.ceil(self.n_samples / trainer.world_size)
-        # Own, reproducible random stream per (step, rank): ranks must not draw the same samples, and
-        # evaluating must not change the training's random stream.
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(1_000_003 * trainer.global_step + trainer.global_rank)
-            out = pl_module.sample_weighted(n_local, self.batch_size)
+        out = self.draw(trainer, pl_module)
         x, u, log_w = out["x"], out["energy_kT"], out["log_w"]
         phi, psi = torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])
         angles, ref_angles = torch.cat([phi, psi], 1), torch.cat([ref["phi"], ref["psi"]], 1)
@@ -142,12 +139,37 @@ class SampleEvaluation(Callback):
         for name, metric in metrics.items():
             values[name] = float(metric.compute())
         for name, value in values.items():
-            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=False, prog_bar=name == "ess")
+            # identical on every rank already (reduced above); sync_dist only keeps Lightning from warning
+            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=True, prog_bar=name == "ess")
 
         self._evals += 1
         if self.figures and (self._evals - 1) % self.figures_every == 0:
             self._figures(trainer, pl_module, ref, u, log_w, phi, psi)
         return values
+
+    def chunks(self, world_size: int, rank: int, default_batch: int) -> list[tuple[int, int]]:
+        """(index, size) of the sample chunks this rank draws. The chunking depends on ``n_samples`` and
+        the batch size only, so the union over ranks is the same set of samples for any number of ranks
+        (when ``n_samples`` ≥ ranks × batch size; otherwise the chunks shrink so that no rank idles)."""
+        bs = self.batch_size or default_batch
+        if math.ceil(self.n_samples / bs) < world_size:
+            bs = math.ceil(self.n_samples / world_size)
+        sizes = [min(bs, self.n_samples - i) for i in range(0, self.n_samples, bs)]
+        return [(k, size) for k, size in enumerate(sizes) if k % world_size == rank]
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """This rank's share of the evaluation samples (``sample_weighted`` output, concatenated).
+
+        Chunk k is drawn from its own random stream seeded by (global step, k): ranks never draw the
+        same samples, one process draws exactly what N processes draw together, and evaluating leaves
+        the training's random stream untouched."""
+        dev = pl_module.device
+        parts = []
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
+            for k, size in self.chunks(trainer.world_size, trainer.global_rank, pl_module.sample_batch_size):
+                torch.manual_seed(1_000_003 * trainer.global_step + k)
+                parts.append(pl_module.sample_weighted(size, size))
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def _figures(self, trainer, pl_module, ref, u, log_w, phi, psi) -> None:
         if not trainer.is_global_zero:

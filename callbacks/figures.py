@@ -11,13 +11,27 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 
 from bg import plots
 
 
+def run_directory(trainer: L.Trainer) -> Path:
+    """This run's log folder: the W&B run folder, else the first logger's ``log_dir`` (or save_dir), else
+    ``default_root_dir``. Unlike ``trainer.log_dir`` it does not broadcast, so one rank alone may call it
+    (calling ``trainer.log_dir`` on rank 0 only leaves the other ranks' next collective mismatched)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return Path(logger.experiment.dir).parent
+    if trainer.loggers and not isinstance(trainer.loggers[0], DummyLogger):
+        directory = getattr(trainer.loggers[0], "log_dir", None) or trainer.loggers[0].save_dir
+        if directory:
+            return Path(directory)
+    return Path(trainer.default_root_dir)
+
+
 def _figure_dir(trainer: L.Trainer) -> Path:
-    base = trainer.log_dir or trainer.default_root_dir
-    path = Path(base) / "figures"
+    path = run_directory(trainer) / "figures"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -25,7 +39,7 @@ def _figure_dir(trainer: L.Trainer) -> Path:
 def log_figure(trainer: L.Trainer, key: str, fig) -> None:
     """Log a matplotlib figure under ``key`` (and close it)."""
     try:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:  # fast_dev_run: no logging, no files
             return
         step = trainer.global_step
         handled = False
@@ -46,7 +60,7 @@ def log_figure(trainer: L.Trainer, key: str, fig) -> None:
 
 def log_histogram(trainer: L.Trainer, key: str, values: np.ndarray) -> None:
     """Log a histogram of ``values`` where the logger supports it (W&B, TensorBoard)."""
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero or trainer.fast_dev_run:
         return
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]

@@ -8,24 +8,30 @@ list of stages in the config; the module only computes the terms.
 A stage ends after ``epochs`` epochs or ``steps`` optimizer steps (counted from its start), or when
 the metric ``monitor`` has not improved for ``patience`` validation runs (``mode`` min/max); a
 stage may combine a length with a monitor (whichever comes first). The last stage runs until
-training stops. The current stage is part of checkpoints, so a resumed run continues in it, and is
+training stops, or, if it has a length, stops the training when it ends (``trainer.max_epochs``
+then only bounds the total). The current stage is part of checkpoints, so a resumed run continues in it, and is
 logged as ``train/stage`` every step.
 
-In a config::
+The CLI always has one ``LossStages``, configured under the top-level key ``loss`` (stages keyed by
+name, in order), so that every setting has a flat name that sweeps and command lines can set, e.g.
+``--loss.stages.ml.epochs=30`` or ``--loss.stages.kl_ml.lr=1e-4``. A term's weight is one number
+across stages through ``weight_scale`` (``--loss.weight_scale.w2=10`` multiplies the W2 weight of every
+stage by 10), which is how a sweep varies "the W2 weight"::
 
-    - class_path: callbacks.LossStages
-      init_args:
-        stages:
-          - {name: ml, weights: {nll: 1.0}, epochs: 20}
-          - {name: ml_w2, weights: {nll: 1.0, w2: 100.0}, epochs: 10}
-          - {name: ml_w2_kl, weights: {nll: 1.0, w2: 100.0, kl: 0.1}, epochs: 10, lr: 3e-4}
-          - {name: kl_ml, weights: {kl: 1.0, nll: 0.1}, lr: 1e-4, lr_end: 1e-5}
+    loss:
+      stages:
+        ml: {weights: {nll: 1.0}, epochs: 20}
+        ml_w2: {weights: {nll: 1.0, w2: 100.0}, epochs: 10}
+        ml_w2_kl: {weights: {nll: 1.0, w2: 100.0, kl: 0.1}, epochs: 10, lr: 3.0e-4}
+        kl_ml: {weights: {kl: 1.0, nll: 0.1}, lr: 1.0e-4, lr_end: 1.0e-5}
+
+Without ``loss.stages`` the callback does nothing and ``model.loss_weights`` apply throughout.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -37,8 +43,8 @@ class Stage:
     """One training stage.
 
     Attributes:
-        name: label in logs.
         weights: loss term → weight; terms not listed have weight 0.
+        name: label in logs (set from the key when stages are given as a dict).
         epochs, steps: length of the stage (None: no length limit).
         monitor: metric name (e.g. ``val/nll``) ending the stage when it stops improving.
         patience: validation runs without improvement before the stage ends.
@@ -49,8 +55,8 @@ class Stage:
             length in epochs or steps).
     """
 
-    name: str
     weights: dict[str, float]
+    name: str = ""
     epochs: int | None = None
     steps: int | None = None
     monitor: str | None = None
@@ -70,14 +76,6 @@ class Stage:
                 raise ValueError(f"stage {self.name!r}: weight of {key} is negative ({w})")
 
 
-DEFAULT_STAGES = [
-    dict(name="ml", weights={"nll": 1.0}, epochs=10),
-    dict(name="ml_w2", weights={"nll": 1.0, "w2": 100.0}, epochs=5),
-    dict(name="ml_w2_kl", weights={"nll": 1.0, "w2": 100.0, "kl": 0.1}, epochs=5),
-    dict(name="kl_ml", weights={"kl": 1.0, "nll": 0.1}),
-]
-
-
 @dataclass
 class _Progress:
     index: int = 0
@@ -92,16 +90,41 @@ class LossStages(Callback):
     """Switch loss weights through stages (see module docstring).
 
     Args:
-        stages: list of stage dicts (keys of :class:`Stage`); default ML → ML+W2 → ML+W2+KL → KL+ML.
+        stages: name → stage (a :class:`Stage` or a dict of its fields), in training order; from
+            Python also a list of stage dicts with ``name``. None: no stages (the callback is inert).
+        weight_scale: term → factor applied to that term's weight in every stage.
     """
 
-    def __init__(self, stages: list[dict[str, Any]] | None = None):
+    def __init__(self, stages: dict[str, Stage] | None = None, weight_scale: dict[str, float] | None = None):
         super().__init__()
-        specs = DEFAULT_STAGES if stages is None else stages
-        if not specs:
-            raise ValueError("LossStages needs at least one stage")
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in specs]
+        self.weight_scale = dict(weight_scale or {})
+        for term, factor in self.weight_scale.items():
+            if factor < 0:
+                raise ValueError(f"loss.weight_scale.{term} must be ≥ 0, got {factor}")
+        self.stages: list[Stage] = []
+        if stages is None:
+            pass
+        elif isinstance(stages, dict):
+            for name, spec in stages.items():
+                spec = spec if isinstance(spec, Stage) else Stage(**spec)
+                self.stages.append(replace(spec, name=name))
+        else:
+            self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+        if stages is not None and not self.stages:
+            raise ValueError("LossStages needs at least one stage (or stages: null for none)")
+        for s in self.stages:
+            if not s.name:
+                raise ValueError(f"every stage needs a name; got {s}")
+        unused = sorted(set(self.weight_scale) - {t for s in self.stages for t in s.weights})
+        if unused:
+            raise ValueError(f"loss.weight_scale names {', '.join(unused)}, which no stage uses")
+        for s in self.stages:
+            s.weights = {t: w * self.weight_scale.get(t, 1.0) for t, w in s.weights.items()}
         self.progress = _Progress()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stages)
 
     # ------------------------------------------------------------------ state
     @property
@@ -109,9 +132,16 @@ class LossStages(Callback):
         return self.stages[self.progress.index]
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.active:
+            return {}
         return dict(asdict(self.progress), stage_names=[s.name for s in self.stages])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict and not self.active:
+            return
+        if not self.active:
+            raise ValueError(f"the checkpoint was trained with loss stages {state_dict.get('stage_names')}; "
+                             "resume with the same loss.stages")
         state = dict(state_dict)
         names = state.pop("stage_names", None)
         if names is not None and names != [s.name for s in self.stages]:
@@ -136,17 +166,29 @@ class LossStages(Callback):
         if self.stage.lr is not None:
             self._set_lr(trainer, self.stage.lr)
 
-    def _advance_if_done(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:
+    def _advance_if_done(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False,
+                         ended_epoch: bool = False) -> None:
         p, s = self.progress, self.stage
-        if p.index == len(self.stages) - 1:
+        last = p.index == len(self.stages) - 1
+        if last and force:
             return
-        done = force
+        done = force or ended_epoch
         if s.epochs is not None and trainer.current_epoch - p.start_epoch >= s.epochs:
             done = True
         if s.steps is not None and trainer.global_step - p.start_step >= s.steps:
             done = True
-        if done:
+        if done and last:
+            # A length on the last stage ends the training (so sweeps may vary stage lengths freely).
+            if not trainer.should_stop:
+                print(f"loss stage {s.name!r} finished at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                      "end of the last stage, training stops", flush=True)
+            trainer.should_stop = True
+        elif done:
             self._enter(p.index + 1, trainer, pl_module)
+            s = self.stage
+            if self.progress.index == len(self.stages) - 1 and 0 in (s.epochs, s.steps):
+                print(f"loss stage {s.name!r} has length 0: training stops", flush=True)
+                trainer.should_stop = True
 
     @staticmethod
     def _set_lr(trainer: L.Trainer, lr: float) -> None:
@@ -166,14 +208,20 @@ class LossStages(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         self._apply(trainer, pl_module)
         if self.progress.start_step == 0 and trainer.global_step == 0 and self.stage.lr is not None:
             self._set_lr(trainer, self.stage.lr)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         self._advance_if_done(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.active:
+            return
         if self.stage.steps is not None:
             self._advance_if_done(trainer, pl_module)
         s = self.stage
@@ -184,7 +232,21 @@ class LossStages(Callback):
                 self._set_lr(trainer, s.lr_end + 0.5 * (s.lr - s.lr_end) * (1 + math.cos(math.pi * t)))
         pl_module.log("train/stage", float(self.progress.index), on_step=True, on_epoch=False, batch_size=1)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.active and self.stage.steps is not None and self.progress.index == len(self.stages) - 1:
+            self._advance_if_done(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the last stage ends with its last epoch, not at the start of one more (epochs counted as done)
+        p, s = self.progress, self.stage
+        if self.active and p.index == len(self.stages) - 1 and s.epochs is not None:
+            if trainer.current_epoch + 1 - p.start_epoch >= s.epochs:
+                self._advance_if_done(trainer, pl_module, force=False, ended_epoch=True)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         s, p = self.stage, self.progress
         if s.monitor is None or trainer.sanity_checking:
             return

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.loaders import ResumableLoader, distributed_sampler
+
 from bg.systems import MDSettings, MolecularSystem, get_system, load_pdb, simulate, trajectory_files
 
 #: MD used when a built-in system is named without trajectories (alanine dipeptide: 10 ns,
@@ -93,6 +95,7 @@ class MDDataModule(L.LightningDataModule):
         self._system: MolecularSystem | None = None
         self.positions: dict[str, torch.Tensor] = {}
         self._datasets: dict[str, TensorDataset] = {}
+        self._resume: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ system
     @property
@@ -155,8 +158,34 @@ class MDDataModule(L.LightningDataModule):
         return self._datasets[key]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        ds = self._dataset("train")
+        return ResumableLoader(ds, batch_size=self.batch_size, sampler=distributed_sampler(ds, shuffle=True),
+                               drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               position=self._train_position)
+
+    # ------------------------------------------------------------------ resuming mid-epoch
+    def _fitting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == "fit"
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position (epoch, batches of it trained), stored in checkpoints by Lightning."""
+        if not self._fitting():
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "batches": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def _train_position(self) -> tuple[int, int] | None:
+        if not self._fitting():
+            return None
+        epoch, skip = self.trainer.current_epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
+        return epoch, skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers)

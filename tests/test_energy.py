@@ -74,6 +74,36 @@ def test_worker_processes_agree_with_in_process(aldp_system, aldp_test_frames):
         pooled.close()
 
 
+def _kill_workers(energy):
+    import os
+    import signal
+    import time
+
+    pids = energy.worker_pids()
+    assert pids, "the pool should be running"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)  # let the executor notice
+
+
+def test_dead_worker_is_restarted_then_the_run_stops_with_a_clear_message(aldp_system, aldp_test_frames):
+    omm = aldp_system.create_openmm_system()
+    serial = OpenMMEnergy(omm, aldp_system.temperature)
+    pooled = OpenMMEnergy(omm, aldp_system.temperature, n_workers=2, max_restarts=1)
+    x = torch.tensor(aldp_test_frames, dtype=torch.float64)
+    try:
+        expected = serial(x)
+        torch.testing.assert_close(pooled(x), expected, rtol=1e-12, atol=1e-12)
+        _kill_workers(pooled)  # e.g. the OOM killer
+        torch.testing.assert_close(pooled(x), expected, rtol=1e-12, atol=1e-12)
+        assert pooled.restarts == 1
+        _kill_workers(pooled)
+        with pytest.raises(RuntimeError, match="worker process died.*max_restarts=1"):
+            pooled(x)
+    finally:
+        pooled.close()
+
+
 def test_non_finite_frames_are_reported_not_zeroed(aldp_system, aldp_test_frames):
     energy = OpenMMEnergy(aldp_system.create_openmm_system(), aldp_system.temperature)
     x = torch.tensor(aldp_test_frames[:3], dtype=torch.float64)

@@ -25,9 +25,6 @@ def shrink(tmp_path, aldp_data_args, tiny_nsf_kwargs, logger="csv") -> Path:
     trainer = dict(max_epochs=2, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
                    check_val_every_n_epoch=1, log_every_n_steps=1, enable_progress_bar=False,
                    callbacks=[
-                       dict(class_path="callbacks.LossStages", init_args=dict(stages=[
-                           dict(name="ml", weights={"nll": 1.0}, epochs=1),
-                           dict(name="ml_w2_kl", weights={"nll": 1.0, "w2": 10.0, "kl": 0.1})])),
                        dict(class_path="callbacks.SampleEvaluation", init_args=dict(n_samples=64)),
                        dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                             init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
@@ -42,7 +39,9 @@ def shrink(tmp_path, aldp_data_args, tiny_nsf_kwargs, logger="csv") -> Path:
     data = dict(init_args=dict(aldp_data_args, system=None, batch_size=32, split=list(aldp_data_args["split"])))
     model = dict(init_args=dict(tiny_nsf_kwargs, predict_samples=50))
     path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(dict(trainer=trainer, data=data, model=model)))
+    loss = dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1),
+                            ml_w2_kl=dict(weights={"nll": 1.0, "w2": 10.0, "kl": 0.1})))
+    path.write_text(yaml.safe_dump(dict(trainer=trainer, data=data, model=model, loss=loss), sort_keys=False))
     return path
 
 

@@ -85,3 +85,15 @@ def test_bad_stage_configs_are_clear():
         LossStages([dict(name="s", weights={"nll": 1.0}, epoch=3)])  # misspelt key
     with pytest.raises(ValueError, match="at least one stage"):
         LossStages([])
+    inert = LossStages(None)  # the CLI's default when the config has no loss.stages
+    assert not inert.active and inert.state_dict() == {}
+    named = LossStages({"a": {"weights": {"nll": 1.0}, "epochs": 2}, "b": {"weights": {"kl": 1.0}}})
+    assert [s.name for s in named.stages] == ["a", "b"] and named.stages[0].epochs == 2
+
+
+@pytest.mark.parametrize("length", [{"epochs": 1}, {"steps": 2}])
+def test_a_length_on_the_last_stage_ends_training(tmp_path, aldp_data_args, tiny_nsf_kwargs, length):
+    stages = [dict(name="a", weights={"nll": 1.0}, epochs=1), dict(name="b", weights={"nll": 1.0}, **length)]
+    trainer, _, probe = fit(tmp_path, aldp_data_args, tiny_nsf_kwargs, stages, max_epochs=6, batches=3)
+    assert trainer.global_step == 3 + (3 if "epochs" in length else 2)
+    assert sorted(probe.seen) == [0, 1]

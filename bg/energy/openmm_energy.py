@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import openmm
@@ -48,11 +49,16 @@ class OpenMMEnergy(nn.Module):
         n_workers: worker processes, each owning a Context, over which a batch is split;
             0 evaluates in this process (best for small molecules and small batches).
         platform: OpenMM platform name or ``"auto"`` (Reference below 200 atoms, else CPU).
-        threads: threads of the CPU platform per worker (default: cores / workers).
+        threads: threads of the CPU platform per worker (default: this process's torch threads /
+            workers; under DDP Lightning gives each rank cores / ranks threads, so the workers of all
+            ranks together use the cores once).
+        max_restarts: a worker that dies (segfault, out of memory, killed) breaks the pool; the pool
+            is restarted and the batch evaluated again up to this many times in the object's life,
+            then a ``RuntimeError`` says what happened.
     """
 
     def __init__(self, system: openmm.System, temperature: float, n_workers: int = 0, platform: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, max_restarts: int = 3):
         super().__init__()
         if not isinstance(system, openmm.System):
             raise TypeError(f"OpenMMEnergy needs an openmm.System, got {type(system).__name__}")
@@ -61,13 +67,15 @@ class OpenMMEnergy(nn.Module):
         self.kT = kT_kJ_per_mol(temperature)
         self.n_workers = int(n_workers)
         if threads is None and self.n_workers > 0:
-            threads = max(1, (os.cpu_count() or 1) // self.n_workers)
+            threads = max(1, torch.get_num_threads() // self.n_workers)
         plat, props = choose_platform(self.n_atoms, platform, threads)
         self.platform_name = plat.getName()
         self._properties = props
         self._system_xml = openmm.XmlSerializer.serialize(system)
         self._context = None
         self._pool = None
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.last_n_nonfinite = 0
 
     # ------------------------------------------------------------------ evaluation
@@ -85,9 +93,7 @@ class OpenMMEnergy(nn.Module):
     def _evaluate(self, x: Tensor, forces: bool) -> tuple[Tensor, Tensor | None]:
         pos = x.to("cpu", torch.float64).numpy()
         if self.n_workers > 0 and len(pos) > 1:
-            pool = self._get_pool()
-            parts = np.array_split(pos, min(self.n_workers, len(pos)))
-            results = pool.starmap(_worker.evaluate_in_worker, [(p, forces) for p in parts])
+            results = self._map_workers(np.array_split(pos, min(self.n_workers, len(pos))), forces)
             energies = np.concatenate([r[0] for r in results])
             f = np.concatenate([r[1] for r in results]) if forces else None
         else:
@@ -109,20 +115,44 @@ class OpenMMEnergy(nn.Module):
         return u_t, torch.as_tensor(grad).to(x.device, x.dtype)
 
     # ------------------------------------------------------------------ workers
-    def _get_pool(self):
+    def _get_pool(self) -> ProcessPoolExecutor:
+        # concurrent.futures, not multiprocessing.Pool: when a worker dies, Pool silently loses its
+        # task and waits forever; the executor fails the pending futures (BrokenProcessPool).
         if self._pool is None:
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(
-                self.n_workers, initializer=_worker.init_worker,
+            self._pool = ProcessPoolExecutor(
+                self.n_workers, mp_context=mp.get_context("spawn"), initializer=_worker.init_worker,
                 initargs=(self._system_xml, self.platform_name, self._properties),
             )
         return self._pool
 
+    def _map_workers(self, parts: list[np.ndarray], forces: bool) -> list[tuple]:
+        while True:
+            pool = self._get_pool()
+            try:
+                return list(pool.map(_worker.evaluate_in_worker, parts, [forces] * len(parts)))
+            except BrokenProcessPool as exc:
+                self.close()
+                if self.restarts >= self.max_restarts:
+                    raise RuntimeError(
+                        f"OpenMMEnergy: an OpenMM worker process died ({self.restarts} restart(s) already, "
+                        f"max_restarts={self.max_restarts}); giving up. A worker dies on a segfault in OpenMM or "
+                        "when the machine runs out of memory: check `dmesg`/the job's memory limit, lower "
+                        "n_workers or the batch size, or set energy_workers: 0 to evaluate in-process"
+                    ) from exc
+                self.restarts += 1
+                log.warning("OpenMMEnergy: a worker process died; restarting the pool and evaluating the batch "
+                            "again (restart %d of at most %d)", self.restarts, self.max_restarts)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (empty before the first batch)."""
+        return [] if self._pool is None else list(self._pool._processes)
+
     def close(self) -> None:
         """Stop the worker processes (they also stop when the object is garbage-collected)."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            for process in list((self._pool._processes or {}).values()):
+                process.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __del__(self):

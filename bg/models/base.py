@@ -12,6 +12,7 @@ Cartesian space (representation Jacobian included), so ``log_w = −u(x) − log
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader
 
 from bg.energy import linlog_cut, target_energy
 from bg.systems import MolecularSystem
+
+log = logging.getLogger(__name__)
 
 
 class _SampleCounts(torch.utils.data.Dataset):
@@ -47,8 +50,19 @@ class BoltzmannGenerator(L.LightningModule):
         energy_backend: ``"auto"`` (torch force field where it applies), ``"torch"`` or ``"openmm"``.
         energy_compile: ``torch.compile`` the torch force field (pays off on GPU and for large batches).
         energy_cut: kT above which the training energy grows logarithmically (``linlog_cut``).
+        energy_workers: OpenMM worker processes per rank when the OpenMM backend is used (0: in
+            process); each worker gets this rank's share of the cores (Lightning gives every DDP
+            rank cores / ranks threads), so N ranks do not oversubscribe the machine.
         sample_batch_size: batch size of ``sample`` / prediction.
         predict_samples: how many samples ``predict`` draws (in total, over all devices).
+        max_skipped_in_a_row: a training step whose loss or gradients are not finite is skipped (no
+            optimizer update, counted as ``train/skipped_steps``); this many in a row stop the run
+            with an error, since the weights or data are then broken rather than unlucky.
+
+    Batch sizes are per device: the DataModule's ``batch_size``, and ``w2_batch_size`` /
+    ``kl_batch_size`` of the families, are drawn on each DDP rank, so N devices see N times as
+    many samples per optimizer step (the learning rate is not rescaled). ``predict_samples`` and the
+    evaluation callbacks' ``n_samples`` are totals over all ranks.
     """
 
     #: names of the loss terms the family computes (methods ``term_<name>``)
@@ -56,13 +70,22 @@ class BoltzmannGenerator(L.LightningModule):
 
     def __init__(self, loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  energy_backend: str = "auto", energy_compile: bool = False, energy_cut: float = 1e3,
-                 sample_batch_size: int = 1000, predict_samples: int = 10_000):
+                 energy_workers: int = 0, sample_batch_size: int = 1000, predict_samples: int = 10_000,
+                 max_skipped_in_a_row: int = 20):
         super().__init__()
         self.loss_weights = dict(loss_weights or {"nll": 1.0})
         self.check_loss_weights(self.loss_weights)
         self.lr, self.weight_decay = lr, weight_decay
         self.energy_backend, self.energy_compile, self.energy_cut = energy_backend, energy_compile, energy_cut
+        self.energy_workers = energy_workers
         self.sample_batch_size, self.predict_samples = sample_batch_size, predict_samples
+        if max_skipped_in_a_row < 1:
+            raise ValueError(f"model.max_skipped_in_a_row must be ≥ 1, got {max_skipped_in_a_row}")
+        self.max_skipped_in_a_row = max_skipped_in_a_row
+        self.skipped_steps = 0  # in checkpoints (bg_skipped_steps)
+        self._skipped_in_a_row = 0
+        self._loss_nonfinite = False
+        self._resume_rng: Tensor | None = None
         self.system: MolecularSystem | None = None
         # Held in a dict so that it is not a submodule: its buffers stay out of checkpoints.
         self._energy_holder: dict[str, nn.Module] = {}
@@ -89,13 +112,21 @@ class BoltzmannGenerator(L.LightningModule):
         raise NotImplementedError
 
     def setup(self, stage: str) -> None:
-        if self.is_built:
-            return
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "system"):
+        self.configure_model()
+        if not self.is_built:
             raise ValueError(f"{type(self).__name__} needs an MD DataModule (data: datamodules.MDDataModule) "
                              "to learn the molecule, or a checkpoint (ckpt_path) to restore it")
-        dm.setup(stage)
+
+    def configure_model(self) -> None:
+        """Build the flow for the DataModule's molecule (idempotent; nothing without one). Lightning calls
+        it after ``setup`` and when loading a checkpoint; weight-averaging callbacks (EMA) call it earlier
+        to copy the built model."""
+        if self.is_built or self._trainer is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "system"):
+            return
+        dm.setup("fit")
         self.build(dm.system, dm.positions["train"])
 
     def build_from_checkpoint(self, ckpt_path: str) -> None:
@@ -111,11 +142,17 @@ class BoltzmannGenerator(L.LightningModule):
         checkpoint["bg_system"] = self.system.to_dict()
         checkpoint["bg_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["bg_loss_weights"] = dict(self.loss_weights)
+        checkpoint["bg_skipped_steps"] = self.skipped_steps
+        # Rank 0's random stream (flow samples of the w2/kl terms): a resumed single-device run
+        # continues exactly as if it had never stopped.
+        checkpoint["bg_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.is_built:
             self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
         self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
+        self.skipped_steps = int(checkpoint.get("bg_skipped_steps", 0))
+        self._resume_rng = checkpoint.get("bg_rng_state")
 
     # ------------------------------------------------------------------ physics
     @property
@@ -127,7 +164,7 @@ class BoltzmannGenerator(L.LightningModule):
         """The physical target energy module ``(B, N, 3)`` nm → ``(B,)`` kT."""
         if "u" not in self._energy_holder:
             self._energy_holder["u"] = target_energy(self.system, backend=self.energy_backend,
-                                                     compile=self.energy_compile)
+                                                     compile=self.energy_compile, n_workers=self.energy_workers)
         return self._energy_holder["u"]
 
     def energy(self, x: Tensor) -> Tensor:
@@ -172,10 +209,15 @@ class BoltzmannGenerator(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def on_train_start(self) -> None:
+        if self._resume_rng is not None:
+            torch.set_rng_state(self._resume_rng)
+            self._resume_rng = None
         # seed_everything gives every DDP rank the same seed: the flow's own samples (w2, kl) would be
-        # identical on all ranks and the averaged gradient no better than one rank's.
+        # identical on all ranks and the averaged gradient no better than one rank's. The step enters
+        # the seed so that a resumed run does not replay the samples of the first steps.
         if self.trainer.world_size > 1:
-            torch.manual_seed((torch.initial_seed() + 7919 * self.trainer.global_rank) % 2**63)
+            seed = torch.initial_seed() + 7919 * self.trainer.global_rank + 104_729 * self.trainer.global_step
+            torch.manual_seed(seed % 2**63)
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
@@ -187,13 +229,40 @@ class BoltzmannGenerator(L.LightningModule):
             value = getattr(self, f"term_{name}")(x)
             logs[f"train/{name}"] = value.detach()
             loss = loss + weight * value.float()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: "
-                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items()))
+        self._loss_nonfinite = not bool(torch.isfinite(loss))
+        if self._loss_nonfinite:
+            log.warning("rank %d, step %d: non-finite training loss (%s); the step is skipped", self.global_rank,
+                        self.global_step, ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items()))
+            # NaN gradients on every parameter: under DDP the gradient all-reduce carries them to every
+            # rank, so all ranks skip this step together (no extra collective, no rank left waiting).
+            return sum((p * math.nan).sum() for p in self.parameters() if p.requires_grad)
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(x))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, batch_size=len(x))
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Run forward/backward, then step only if the loss and all gradients are finite."""
+        optimizer_closure()
+        finite = not self._loss_nonfinite and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.parameters() if p.grad is not None)
+        if finite:
+            self._skipped_in_a_row = 0
+            optimizer.step()  # gradient clipping and on_before_optimizer_step run inside, as usual
+            return
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        if not self._loss_nonfinite:
+            log.warning("rank %d, step %d: non-finite gradients; the step is skipped", self.global_rank, self.global_step)
+        if self._skipped_in_a_row >= self.max_skipped_in_a_row:
+            raise FloatingPointError(
+                f"{self._skipped_in_a_row} training steps in a row had a non-finite loss or gradients (last at step "
+                f"{self.global_step}); the run is stopped. Lower the learning rate, the energy_cut or the loss weights "
+                "of the energy terms, or resume from an earlier checkpoint.")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         x = batch[0]

@@ -80,12 +80,15 @@ class SplitChannelNSF(BoltzmannGenerator):
         energy_backend: str = "auto",
         energy_compile: bool = False,
         energy_cut: float = 1e3,
+        energy_workers: int = 0,
         sample_batch_size: int = 1000,
         predict_samples: int = 10_000,
+        max_skipped_in_a_row: int = 20,
     ):
         super().__init__(loss_weights=loss_weights, lr=lr, weight_decay=weight_decay, energy_backend=energy_backend,
-                         energy_compile=energy_compile, energy_cut=energy_cut, sample_batch_size=sample_batch_size,
-                         predict_samples=predict_samples)
+                         energy_compile=energy_compile, energy_cut=energy_cut, energy_workers=energy_workers,
+                         sample_batch_size=sample_batch_size, predict_samples=predict_samples,
+                         max_skipped_in_a_row=max_skipped_in_a_row)
         self.save_hyperparameters()
         self.flow_kwargs = dict(split_channels=split_channels, conditioner=conditioner, backbone_layers=backbone_layers,
                                 sidechain_layers=sidechain_layers, bins=bins, width=width, depth=depth,

@@ -1,0 +1,63 @@
+"""Checkpoints that survive faults: atomic writes and finding the checkpoint to resume.
+
+``AtomicCheckpointIO`` writes ``<name>.tmp-<pid>`` next to the target, fsyncs it and renames it over
+the target (``os.replace``, atomic on POSIX within one file system). Lightning's default goes through
+fsspec, which stages the file in the system temp directory and *moves* it; when that directory is on
+another file system (a node-local /tmp, checkpoints on a shared disk) the move is a copy into the
+target, and a kill during the copy leaves a truncated ``last.ckpt``.
+
+``find_last_checkpoint`` implements ``--ckpt_path last`` across runs: every run logs into its own
+folder (``<save_dir>/<name>/<run id>/checkpoints``), so the newest ``last*.ckpt`` of the same generator
+class and molecule under the logger's root is the one to continue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic for local paths (see module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """Class, molecule, step and epoch stored in a bg checkpoint (loads it on the CPU)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    system = ckpt.get("bg_system") or {}
+    return dict(path=str(path), bg_class=ckpt.get("bg_class"), molecule=system.get("name"),
+                global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"))
+
+
+def find_last_checkpoint(roots: list[Path], bg_class: str | None = None, molecule: str | None = None) -> dict | None:
+    """The newest ``*/checkpoints/last*.ckpt`` under ``roots`` written for ``bg_class`` and ``molecule``
+    (None: any), as ``checkpoint_summary``; None when there is none. Unreadable files are skipped."""
+    found = [p for root in roots if root.is_dir() for p in root.glob("*/checkpoints/last*.ckpt")]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            info = checkpoint_summary(path)
+        except Exception:  # a foreign or damaged file: not ours to resume
+            continue
+        if (bg_class is None or info["bg_class"] == bg_class) and (molecule is None or info["molecule"] == molecule):
+            return info
+    return None

@@ -1,0 +1,130 @@
+"""DDP on CPU (gloo): two processes train and evaluate exactly like one; data generation runs once;
+the real `ddp` strategy through the CLI (a subprocess, as in production)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from bg.models import SplitChannelNSF
+from callbacks import SampleEvaluation
+from datamodules import MDDataModule
+
+COMPARED = ("val/ess", "val/distance_distortion", "val/energy_w2", "val/torsion_w2", "val/torsion_w2_reweighted",
+            "val/finite_fraction")
+
+
+@pytest.fixture(autouse=True)
+def fresh_master_port(monkeypatch):
+    # Lightning leaves MASTER_PORT set after a DDP run and reuses it; a stale one can hang the next.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+
+def _fit(devices, data_args, kwargs, state, n_train, tmp_path):
+    # Full-batch steps: 1 process × n_train frames or 2 processes × n_train/2 frames see the same data,
+    # so their averaged gradients, and hence the weights, agree to float rounding.
+    dm = MDDataModule(**data_args, batch_size=n_train // devices)
+    dm.setup("fit")
+    model = SplitChannelNSF(**kwargs)
+    model.build(dm.system, dm.positions["train"])
+    model.load_state_dict(state)
+    evaluation = SampleEvaluation(n_samples=384, batch_size=64, figures=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+                        max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[evaluation], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    return {k: float(trainer.callback_metrics[k]) for k in COMPARED}, model.state_dict()
+
+
+def test_two_processes_train_and_evaluate_like_one(tmp_path, aldp_data_args, tiny_nsf_kwargs):
+    dm = MDDataModule(**aldp_data_args)
+    dm.setup("fit")
+    n_train = len(dm.positions["train"]) // 2 * 2
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**tiny_nsf_kwargs)
+    model.build(dm.system, dm.positions["train"])
+    # A short maximum-likelihood warm-up, so that the ESS compared below is not the degenerate 1/n.
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = dm.positions["train"]
+    for _ in range(150):
+        opt.zero_grad()
+        model.term_nll(x).backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    args = dict(aldp_data_args)
+
+    one, w_one = _fit(1, args, tiny_nsf_kwargs, state, n_train, tmp_path / "one")
+    two, w_two = _fit(2, args, tiny_nsf_kwargs, state, n_train, tmp_path / "two")
+    assert any(not torch.equal(w_one[k], state[k]) for k in state), "training should change the weights"
+    for k in state:
+        torch.testing.assert_close(w_two[k], w_one[k], rtol=1e-5, atol=1e-6)
+    for k in COMPARED:
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), k
+    assert 3 / 384 < one["val/ess"] <= 1
+
+
+def test_evaluation_chunks_are_the_same_samples_for_any_world_size():
+    ev = SampleEvaluation(n_samples=1000, batch_size=300)
+    one = ev.chunks(1, 0, 64)
+    for world in (2, 3, 4):
+        union = sorted(c for r in range(world) for c in ev.chunks(world, r, 64))
+        assert union == one
+    assert sum(size for _, size in one) == 1000
+    # fewer chunks than ranks: smaller chunks, every rank gets one
+    small = SampleEvaluation(n_samples=100, batch_size=300)
+    assert all(small.chunks(4, r, 64) for r in range(4))
+
+
+def test_md_is_generated_once_under_ddp(tmp_path, monkeypatch):
+    import datamodules.md as md_module
+
+    calls = tmp_path / "calls.txt"
+    real = md_module.simulate
+
+    def counting(*args, **kwargs):
+        with open(calls, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(md_module, "simulate", counting)  # inherited by the forked ranks
+    from bg.systems import MDSettings
+
+    dm = MDDataModule(system="aldp", cache_dir=str(tmp_path / "data"), batch_size=8, split=(0.6, 0.2, 0.2),
+                      md=MDSettings(n_frames=40, steps_per_frame=20, equilibration_steps=200, chunk_frames=40))
+    model = SplitChannelNSF(reduced=False, backbone_layers=1, sidechain_layers=1, bins=4, width=8, depth=1,
+                            attention_dim=4, sample_batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_train_batches=1,
+                        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert len(calls.read_text().split()) == 1
+
+
+def test_real_ddp_strategy_through_the_cli(tmp_path, aldp_data_args, tiny_nsf_kwargs):
+    from tests.test_nsf_cli import CONFIG, shrink
+
+    config = shrink(tmp_path, aldp_data_args, tiny_nsf_kwargs)
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    env.pop("OMP_NUM_THREADS", None)  # Lightning sets cores / ranks per rank
+    proc = subprocess.Popen([sys.executable, "-m", "bg", "fit", "--config", str(CONFIG), "--config", str(config), "--trainer.accelerator=cpu",
+                             "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # own process group: a timeout kills every rank
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-4000:]
+    assert "world_size: 2" in out or "GLOBAL_RANK: 1" in out or "MEMBER: 2/2" in out, out[-4000:]
+    assert "final evaluation: val/ess" in out
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
