@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow train data bench bench-nsf clean
+.PHONY: setup test test-slow train data bench bench-nsf bench-ddp clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ bench: setup
 bench-nsf: setup
 	$(PY) bench/nsf.py --label split=configs/aldp_nsf.yaml --label baseline=configs/aldp_nsf_baseline.yaml \
 		--epoch-scale 0.3 --out bench/results/nsf_aldp.md
+
+# One vs two gloo processes training the aldp NSF (needs the cached MD of `make train`; ~4 min).
+bench-ddp: setup
+	$(PY) bench/ddp_cpu.py --steps 40 --devices 2 --out bench/results/ddp_cpu.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

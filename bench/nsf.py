@@ -37,32 +37,32 @@ from bg.metrics import circular_w2_1d, kish_ess, pairwise_distances  # noqa: E40
 from datamodules import MDDataModule  # noqa: E402
 
 
-def scaled_stages(config: dict, scale: float) -> list[dict]:
-    for cb in config["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("LossStages"):
-            stages = [dict(s) for s in cb["init_args"]["stages"]]
-            for s in stages:
-                if s.get("epochs"):
-                    s["epochs"] = max(1, round(s["epochs"] * scale))
-            return stages
-    raise ValueError("the config has no LossStages callback")
+def scaled_stages(config: dict, scale: float) -> dict[str, dict]:
+    """The config's ``loss.stages`` with every stage length in epochs scaled by ``scale``."""
+    stages = (config.get("loss") or {}).get("stages")
+    if not stages:
+        raise ValueError("the config has no loss.stages")
+    stages = {name: dict(s) for name, s in stages.items()}
+    for s in stages.values():
+        if s.get("epochs"):
+            s["epochs"] = max(1, round(s["epochs"] * scale))
+    return stages
 
 
 def train(label: str, config: Path, scale: float, workdir: Path, extra: list[str]) -> tuple[Path, float]:
     base = yaml.safe_load(config.read_text())
     stages = scaled_stages(base, scale)
-    epochs = sum(s.get("epochs", 0) for s in stages)
+    epochs = sum(s.get("epochs", 0) for s in stages.values())
     run_dir = workdir / label
-    override = dict(trainer=dict(
+    override = dict(loss=dict(stages=stages), trainer=dict(
         max_epochs=epochs + (epochs % 2), enable_progress_bar=False,
         logger=dict(class_path="lightning.pytorch.loggers.CSVLogger", init_args=dict(save_dir=str(run_dir), name="", version="log")),
-        callbacks=[dict(class_path="callbacks.LossStages", init_args=dict(stages=stages)),
-                   dict(class_path="callbacks.SampleEvaluation", init_args=dict(n_samples=1000, figures=False)),
+        callbacks=[dict(class_path="callbacks.SampleEvaluation", init_args=dict(n_samples=1000, figures=False)),
                    dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                         init_args=dict(dirpath=str(run_dir / "ckpt"), save_last=True))]))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path.write_text(yaml.safe_dump(override, sort_keys=False))  # stage order matters
     start = time.time()
     cmd = [sys.executable, "-m", "bg", "fit", "--config", str(config), "--config", str(path), *extra]
     print(f"[{label}] {' '.join(cmd)}", flush=True)

@@ -8,7 +8,8 @@ target, and a kill during the copy leaves a truncated ``last.ckpt``.
 
 ``find_last_checkpoint`` implements ``--ckpt_path last`` across runs: every run logs into its own
 folder (``<save_dir>/<name>/<run id>/checkpoints``), so the newest ``last*.ckpt`` of the same generator
-class and molecule under the logger's root is the one to continue.
+class, molecule and model settings under the logger's root is the one to continue (settings that a
+resumed run may change, such as the learning rate or sampling batch sizes, are not compared).
 """
 
 from __future__ import annotations
@@ -46,18 +47,34 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     system = ckpt.get("bg_system") or {}
     return dict(path=str(path), bg_class=ckpt.get("bg_class"), molecule=system.get("name"),
-                global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"))
+                global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"),
+                hyper_parameters=dict(ckpt.get("hyper_parameters") or {}))
 
 
-def find_last_checkpoint(roots: list[Path], bg_class: str | None = None, molecule: str | None = None) -> dict | None:
-    """The newest ``*/checkpoints/last*.ckpt`` under ``roots`` written for ``bg_class`` and ``molecule``
-    (None: any), as ``checkpoint_summary``; None when there is none. Unreadable files are skipped."""
+#: model settings a resumed run may change; every other hyper-parameter must match to resume
+RESUME_MAY_CHANGE = frozenset({"lr", "weight_decay", "loss_weights", "energy_backend", "energy_compile",
+                               "energy_workers", "energy_cut", "sample_batch_size", "predict_samples",
+                               "max_skipped_in_a_row"})
+
+
+def find_last_checkpoint(roots: list[Path], bg_class: str | None = None, molecule: str | None = None,
+                         hyper_parameters: dict[str, Any] | None = None) -> dict | None:
+    """The newest ``*/checkpoints/last*.ckpt`` under ``roots`` written for ``bg_class``, ``molecule`` and
+    ``hyper_parameters`` (except ``RESUME_MAY_CHANGE``; None: any), as ``checkpoint_summary``; None when
+    there is none. Unreadable files are skipped."""
     found = [p for root in roots if root.is_dir() for p in root.glob("*/checkpoints/last*.ckpt")]
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             info = checkpoint_summary(path)
         except Exception:  # a foreign or damaged file: not ours to resume
             continue
-        if (bg_class is None or info["bg_class"] == bg_class) and (molecule is None or info["molecule"] == molecule):
-            return info
+        if bg_class is not None and info["bg_class"] != bg_class:
+            continue
+        if molecule is not None and info["molecule"] != molecule:
+            continue
+        if hyper_parameters is not None:
+            keys = (set(hyper_parameters) | set(info["hyper_parameters"])) - RESUME_MAY_CHANGE
+            if any(hyper_parameters.get(k) != info["hyper_parameters"].get(k) for k in keys):
+                continue
+        return info
     return None

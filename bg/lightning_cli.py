@@ -7,7 +7,8 @@ saved instead as ``bg_config.yaml`` in the run's own folder, which for W&B is up
 
 Fault tolerance added to every ``fit``: checkpoints are written atomically (``AtomicCheckpointIO``),
 SIGTERM saves ``last.ckpt`` before exiting (``PreemptionCheckpoint``), and ``--ckpt_path last`` finds
-the newest ``last.ckpt`` of the same generator and molecule among the runs under the logger's folder.
+the newest ``last.ckpt`` of the same generator, molecule and model settings among the runs under the
+logger's folder.
 The loss schedule is the top-level ``loss`` group (``callbacks.LossStages``). Inside a W&B sweep
 agent (``WANDB_SWEEP_ID`` set) the logger goes online unless ``WANDB_MODE=offline``, and joins the
 agent's run.
@@ -98,9 +99,9 @@ class BGCLI(LightningCLI):
         roots = roots or [Path(trainer.default_root_dir)]
         system = getattr(self.datamodule, "system", None)
         bg_class = f"{type(model).__module__}.{type(model).__qualname__}"
-        found = find_last_checkpoint(roots, bg_class, getattr(system, "name", None))
+        found = find_last_checkpoint(roots, bg_class, getattr(system, "name", None), dict(model.hparams))
         if found is None:
-            print(f"--ckpt_path last: no last.ckpt of {type(model).__name__} for this molecule under "
+            print(f"--ckpt_path last: no last.ckpt of {type(model).__name__} with these settings for this molecule under "
                   f"{', '.join(map(str, roots))}; starting from scratch", flush=True)
             return None
         print(f"--ckpt_path last: resuming {found['path']} (epoch {found['epoch']}, step {found['global_step']})",
@@ -140,8 +141,9 @@ class BGCLI(LightningCLI):
                     print(f"W&B run: {logger.experiment.url}")
 
 
-def run(args: list[str] | None = None) -> BGCLI:
-    """Run the LightningCLI with ``args`` (default: ``sys.argv[1:]``)."""
+def run(args: list[str] | None = None, run_subcommand: bool = True) -> BGCLI:
+    """Run the LightningCLI with ``args`` (default: ``sys.argv[1:]``); with ``run_subcommand=False`` only
+    parse ``args`` (no subcommand) and instantiate model, data and trainer."""
     return BGCLI(BoltzmannGenerator, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args,
+                 save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args, run=run_subcommand,
                  parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"})

@@ -246,3 +246,41 @@ def test_a_kill_during_a_save_never_leaves_a_broken_checkpoint(tmp_path):
         if target.exists():
             seen.append(torch.load(target, weights_only=False)["i"])  # complete, whatever the moment of the kill
     assert seen, "at least one save should have completed"
+
+
+def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_same_generator(tmp_path):
+    from bg.checkpointing import find_last_checkpoint
+
+    def save(run, step, hparams, molecule="aldp", cls="bg.models.nsf.SplitChannelNSF"):
+        path = tmp_path / run / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"bg_class": cls, "bg_system": {"name": molecule}, "global_step": step, "epoch": 0,
+                    "hyper_parameters": hparams}, path)
+        time.sleep(0.05)  # distinct modification times
+        return str(path)
+
+    split = {"split_channels": True, "width": 128, "lr": 1e-3}
+    older = save("a", 10, split)
+    save("b", 20, dict(split, split_channels=False))  # the baseline: another architecture
+    save("c", 30, split, molecule="chignolin")
+    save("d", 40, split, cls="bg.models.other.Other")
+    (tmp_path / "e" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "e" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    found = find_last_checkpoint([tmp_path], "bg.models.nsf.SplitChannelNSF", "aldp", dict(split, lr=5e-4))
+    assert found["path"] == older and found["global_step"] == 10  # a changed lr may resume
+    assert find_last_checkpoint([tmp_path], "bg.models.nsf.SplitChannelNSF", "aldp", dict(split, width=64)) is None
+    assert find_last_checkpoint([tmp_path / "missing"]) is None
+
+
+def test_inside_a_sweep_agent_the_wandb_logger_goes_online(tmp_path, monkeypatch):
+    from bg.lightning_cli import run
+
+    args = ["--config", str(ROOT / "configs" / "aldp_nsf.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert not run(args, run_subcommand=False).trainer.logger._offline  # the experiment itself is not created
+    monkeypatch.setenv("WANDB_MODE", "offline")  # an explicit offline agent stays offline
+    assert run(args, run_subcommand=False).trainer.logger._offline
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    monkeypatch.delenv("WANDB_MODE")
+    assert run(args, run_subcommand=False).trainer.logger._offline  # outside a sweep: the offline default
