@@ -205,14 +205,25 @@ def test_sigkill_then_resume_with_ckpt_path_last_continues_in_stage_2(tmp_path, 
     assert steps[-1] == step + 2
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, aldp_data_args, tiny_nsf_kwargs):
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_process", "ddp_two_processes"])
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, aldp_data_args, tiny_nsf_kwargs, devices, monkeypatch):
     # checkpoints every 1000 steps only: the one found after SIGTERM was written because of it
     config = _cli_config(tmp_path, aldp_data_args, tiny_nsf_kwargs, every_n_train_steps=1000)
-    proc = _start(tmp_path, "--config", str(config))
+    ddp = []
+    if devices > 1:  # SIGTERM to rank 0 (the launcher) reaches rank 1 too; both save, then exit
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+        ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+    proc = _start(tmp_path, "--config", str(config), *ddp)
     _wait_for(proc, lambda: list((tmp_path / "logs" / "bg").glob("*/metrics.csv")))
     time.sleep(3)
     os.kill(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert "preempted (SIGTERM): checkpoint" in out, out[-3000:]
     (path,) = (tmp_path / "logs" / "bg").glob("*/checkpoints/last.ckpt")
     step = int(out.split("preempted (SIGTERM): checkpoint")[1].split("at step")[1].split()[0])
