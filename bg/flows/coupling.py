@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from bg.flows.chain import run_chain
 from bg.flows.conditioners import coordinate_features
 from bg.flows.splines import circular_rq_spline, rq_spline
 
@@ -108,15 +109,7 @@ class SplitChannelFlow(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        total = z.new_zeros(z.shape[0])
-        for layer in self.layers:
-            z, ld = layer(z)
-            total = total + ld
-        return z, total
+        return run_chain(self.layers, z)
 
     def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        total = u.new_zeros(u.shape[0])
-        for layer in reversed(self.layers):
-            u, ld = layer.inverse(u)
-            total = total + ld
-        return u, total
+        return run_chain(self.layers, u, inverse=True)

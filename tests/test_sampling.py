@@ -1,0 +1,90 @@
+"""Samplers against a target with a known answer: a 2-D Gaussian mixture (known mean and normalising
+constant) from a deliberately wrong Gaussian proposal."""
+
+import math
+
+import pytest
+import torch
+
+from bg.sampling import importance_sampling, smc, systematic_resample
+
+MEANS = torch.tensor([[-2.5, 0.0], [2.5, 1.0]], dtype=torch.float64)
+PI = torch.tensor([0.3, 0.7], dtype=torch.float64)
+SIGMA = 0.5
+LOG_C = 3.0  # target energy u = −log(exp(LOG_C) · mixture density): Z = exp(LOG_C)
+TRUE_MEAN = (PI[:, None] * MEANS).sum(0)
+PROPOSAL_SIGMA = 3.0  # centred, too wide and unimodal: "deliberately wrong"
+
+
+def target_energy(x):
+    d2 = ((x[:, None, :] - MEANS.to(x)) ** 2).sum(-1)
+    log_comp = torch.log(PI.to(x)) - d2 / (2 * SIGMA**2) - math.log(2 * math.pi * SIGMA**2)
+    return -(torch.logsumexp(log_comp, 1) + LOG_C)
+
+
+def source_energy(x):  # −log q of the normalised proposal
+    return (x**2).sum(-1) / (2 * PROPOSAL_SIGMA**2) + math.log(2 * math.pi * PROPOSAL_SIGMA**2)
+
+
+def _estimates(method, n=500, repeats=24, **kw):
+    means, log_zs = [], []
+    for r in range(repeats):
+        gen = torch.Generator().manual_seed(1000 + r)
+        x = PROPOSAL_SIGMA * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        if method == "is":
+            res = importance_sampling(source_energy(x), target_energy(x))
+        else:
+            res = smc(x, source_energy, target_energy, generator=gen, **kw)
+            x = res.x
+        means.append((res.weights[:, None] * x).sum(0))
+        log_zs.append(res.log_z)
+    return torch.stack(means), torch.tensor(log_zs)
+
+
+def _check_unbiased(means, log_zs):
+    se_mean = means.std(0) / math.sqrt(len(means))
+    assert ((means.mean(0) - TRUE_MEAN).abs() < 4 * se_mean + 1e-3).all(), (means.mean(0), TRUE_MEAN, se_mean)
+    se_z = log_zs.std() / math.sqrt(len(log_zs))
+    assert abs(log_zs.mean() - LOG_C) < 4 * se_z + 0.01, (log_zs.mean(), se_z)
+
+
+@pytest.mark.parametrize("metropolis", [True, False], ids=["mala", "ula"])
+def test_smc_is_unbiased_and_beats_importance_sampling(metropolis):
+    kw = dict(n_steps=50, langevin_steps=3, step_size=0.02, metropolis=metropolis, ess_threshold=0.5)
+    smc_means, smc_log_z = _estimates("smc", **kw)
+    is_means, is_log_z = _estimates("is")
+    if metropolis:  # exact moves: unbiased within error bars (ULA keeps an O(h) bias, compared below)
+        _check_unbiased(smc_means, smc_log_z)
+    _check_unbiased(is_means, is_log_z)  # IS is unbiased too, only noisier
+    # Measured (MALA): RMSE of the mean 0.136 (SMC) vs 0.279 (IS), of log Z 0.092 vs 0.185, 500 particles;
+    # the SMC error is about that of 500 exact samples (which mode each lands in), so the margin is 1.5×.
+    rmse = lambda est, truth: float(((est - truth) ** 2).mean().sqrt())  # noqa: E731
+    assert rmse(smc_means, TRUE_MEAN) * 1.5 < rmse(is_means, TRUE_MEAN)
+    assert rmse(smc_log_z, torch.tensor(LOG_C)) * 1.5 < rmse(is_log_z, torch.tensor(LOG_C))
+
+
+def test_smc_reaches_the_target_and_reports_its_work():
+    gen = torch.Generator().manual_seed(0)
+    x = PROPOSAL_SIGMA * torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    res = smc(x, source_energy, target_energy, n_steps=10, langevin_steps=2, step_size=0.02, metropolis=True,
+              ess_threshold=1.0, energy_cut=8.0, generator=gen)
+    assert len(res.ess_history) == 10 and res.resampled_at[-1] == pytest.approx(1.0)  # the path ends at t = 1
+    assert 0 < res.acceptance <= 1 and 0 < res.rejection_rate < 1 and res.n_rejected > 0
+    assert torch.isfinite(target_energy(res.x)[torch.isfinite(res.log_w)]).all()
+    with pytest.raises(FloatingPointError, match="every particle has weight 0"):
+        smc(x, source_energy, target_energy, n_steps=2, energy_cut=-100.0, generator=gen)
+
+
+def test_importance_sampling_clipping_and_rejections_are_reported():
+    e0 = torch.zeros(10, dtype=torch.float64)
+    e1 = -torch.arange(10, dtype=torch.float64)
+    e1[0] = float("nan")
+    res = importance_sampling(e0, e1, clip_top=3)
+    assert res.n_rejected == 1 and res.n_clipped == 2 and res.weights[0] == 0
+    assert res.log_w.max() == 7 and res.log_z == pytest.approx(math.log(sum(math.exp(k) for k in range(1, 10)) / 10))
+
+
+def test_systematic_resampling_keeps_the_expected_counts():
+    w = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
+    counts = torch.bincount(systematic_resample(w, torch.Generator().manual_seed(0)), minlength=4)
+    assert counts.tolist() == [2, 1, 0, 1] or counts.tolist() == [2, 1, 1, 0]
