@@ -257,6 +257,11 @@ def test_a_kill_during_a_save_never_leaves_a_broken_checkpoint(tmp_path):
         if target.exists():
             seen.append(torch.load(target, weights_only=False)["i"])  # complete, whatever the moment of the kill
     assert seen, "at least one save should have completed"
+    # a later save removes the temporaries the killed processes left behind
+    from bg.checkpointing import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"i": -1}, target)
+    assert not list(tmp_path.glob(".last.ckpt.tmp-*")) and torch.load(target, weights_only=False)["i"] == -1
 
 
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_same_generator(tmp_path):
