@@ -56,8 +56,8 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
-    """Class, molecule, step and epoch stored in a bg checkpoint (loads it on the CPU)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Class, molecule, step and epoch stored in a bg checkpoint (memory-mapped: the weights are not read)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     system = ckpt.get("bg_system") or {}
     return dict(path=str(path), bg_class=ckpt.get("bg_class"), molecule=system.get("name"),
                 global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"),

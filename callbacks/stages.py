@@ -166,29 +166,30 @@ class LossStages(Callback):
         if self.stage.lr is not None:
             self._set_lr(trainer, self.stage.lr)
 
-    def _advance_if_done(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False,
-                         ended_epoch: bool = False) -> None:
+    def _advance_if_done(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:
+        """Enter the next stage when this one is over (the last stage never advances: see ``_stop_if_finished``)."""
         p, s = self.progress, self.stage
-        last = p.index == len(self.stages) - 1
-        if last and force:
+        if p.index == len(self.stages) - 1:
             return
-        done = force or ended_epoch
+        done = force
         if s.epochs is not None and trainer.current_epoch - p.start_epoch >= s.epochs:
             done = True
         if s.steps is not None and trainer.global_step - p.start_step >= s.steps:
             done = True
-        if done and last:
-            # A length on the last stage ends the training (so sweeps may vary stage lengths freely).
-            if not trainer.should_stop:
-                print(f"loss stage {s.name!r} finished at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                      "end of the last stage, training stops", flush=True)
-            trainer.should_stop = True
-        elif done:
+        if done:
             self._enter(p.index + 1, trainer, pl_module)
-            s = self.stage
-            if self.progress.index == len(self.stages) - 1 and 0 in (s.epochs, s.steps):
-                print(f"loss stage {s.name!r} has length 0: training stops", flush=True)
-                trainer.should_stop = True
+            self._stop_if_finished(trainer, epochs_done=0)  # a last stage of length 0
+
+    def _stop_if_finished(self, trainer: L.Trainer, epochs_done: int) -> None:
+        """A length on the last stage ends the training (so sweeps may vary stage lengths freely)."""
+        p, s = self.progress, self.stage
+        if p.index != len(self.stages) - 1 or trainer.should_stop:
+            return
+        if (s.epochs is not None and epochs_done >= s.epochs) or (
+                s.steps is not None and trainer.global_step - p.start_step >= s.steps):
+            print(f"loss stage {s.name!r} finished at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                  "end of the last stage, training stops", flush=True)
+            trainer.should_stop = True
 
     @staticmethod
     def _set_lr(trainer: L.Trainer, lr: float) -> None:
@@ -234,15 +235,13 @@ class LossStages(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.active and self.stage.steps is not None and self.progress.index == len(self.stages) - 1:
-            self._advance_if_done(trainer, pl_module)
+        if self.active:
+            self._stop_if_finished(trainer, epochs_done=trainer.current_epoch - self.progress.start_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the last stage ends with its last epoch, not at the start of one more (epochs counted as done)
-        p, s = self.progress, self.stage
-        if self.active and p.index == len(self.stages) - 1 and s.epochs is not None:
-            if trainer.current_epoch + 1 - p.start_epoch >= s.epochs:
-                self._advance_if_done(trainer, pl_module, force=False, ended_epoch=True)
+        # the last stage ends with its last epoch, not at the start of one more
+        if self.active:
+            self._stop_if_finished(trainer, epochs_done=trainer.current_epoch + 1 - self.progress.start_epoch)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active:

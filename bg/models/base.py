@@ -244,8 +244,9 @@ class BoltzmannGenerator(L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Run forward/backward, then step only if the loss and all gradients are finite."""
         optimizer_closure()
-        finite = not self._loss_nonfinite and all(
-            bool(torch.isfinite(p.grad).all()) for p in self.parameters() if p.grad is not None)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # one device sync per step, not one per parameter
+        finite = not self._loss_nonfinite and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if finite:
             self._skipped_in_a_row = 0
             optimizer.step()  # gradient clipping and on_before_optimizer_step run inside, as usual
