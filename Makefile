@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow train data bench bench-nsf bench-ddp clean
+.PHONY: setup test test-slow train data bench bench-nsf bench-ddp bench-tarflow clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ bench-nsf: setup
 # One vs two gloo processes training the aldp NSF (needs the cached MD of `make train`; ~4 min).
 bench-ddp: setup
 	$(PY) bench/ddp_cpu.py --steps 40 --devices 2 --out bench/results/ddp_cpu.md
+
+# TarFlow on alanine dipeptide: train (~27 min on 2 cores), then proposal vs importance-reweighted vs
+# SMC samples against the MD test split (~10 min); writes bench/results/tarflow_aldp.md.
+TARFLOW_RUNS ?= bench/runs/tarflow
+bench-tarflow: setup
+	WANDB_MODE=disabled $(VENV)/bin/bg fit --config configs/aldp_tarflow.yaml --trainer.enable_progress_bar=false \
+		--trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir=$(TARFLOW_RUNS)
+	$(PY) bench/tarflow.py --checkpoint $$(ls -t $$(find $(TARFLOW_RUNS) -name last.ckpt) | head -1) \
+		--data-config configs/aldp_tarflow.yaml --step-size 1e-6 3e-6 --out bench/results/tarflow_aldp.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -65,9 +65,25 @@ class RunConfigSaver(SaveConfigCallback):
             logger.log_hyperparams(self.config.as_dict())
 
 
+#: Model options that concern sampling, not the trained network: with ``--ckpt_path`` LightningCLI
+#: replaces the model's config by the hyperparameters stored in the checkpoint, which would silently
+#: undo e.g. ``bg predict ... --model.init_args.predict_samples=50000``; these keep the config's value.
+INFERENCE_OPTIONS = ("predict_samples", "sample_batch_size", "energy_backend", "energy_compile", "energy_workers",
+                     "com_correction")
+
+
 class BGCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(LossStages, "loss")
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        prefix = f"{sub}.model.init_args"
+        init = self.config.get(prefix) if sub else None
+        keep = {k: init[k] for k in INFERENCE_OPTIONS if init is not None and k in init}
+        super()._parse_ckpt_path()
+        for key, value in keep.items():
+            self.config[f"{prefix}.{key}"] = value
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -28,10 +28,12 @@ def _weights(log_w: Tensor | np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None, title: str = "") -> plt.Figure:
+def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None, title: str = "",
+                     others: dict[str, Tensor] | None = None) -> plt.Figure:
     """Histogram of reduced energies (kT): MD data, generated samples and, with ``log_w``, generated
-    samples reweighted to the Boltzmann distribution. The range covers the data and the bulk of the
-    samples; the fraction of samples beyond it is printed in the legend."""
+    samples reweighted to the Boltzmann distribution; ``others`` adds further (equally weighted) sets,
+    e.g. ``{"SMC": u_smc}``. The range covers the data and the bulk of the samples; the fraction of
+    samples beyond it is printed in the legend."""
     ud, ug = _np(u_data), _np(u_gen)
     ud, fin = ud[np.isfinite(ud)], np.isfinite(ug)
     lo = min(np.quantile(ud, 0.001), np.quantile(ug[fin], 0.01) if fin.any() else np.inf)
@@ -47,6 +49,11 @@ def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None,
         if w.sum() > 0:
             ax.hist(ug[fin], bins=bins, weights=w[fin], density=True, histtype="step", lw=1.5, color="C3",
                     label="reweighted")
+    for k, (name, u) in enumerate((others or {}).items()):
+        uo = _np(u)
+        fo = np.isfinite(uo)
+        ax.hist(uo[fo], bins=bins, density=True, histtype="step", lw=1.5, color=f"C{k + 4}",
+                label=f"{name} ({float(((uo > hi) | ~fo).mean()):.0%} beyond range)")
     ax.set_xlabel("energy u (kT)")
     ax.set_ylabel("density")
     ax.set_title(title or "sample energies")

@@ -8,14 +8,22 @@ and logs the same values (``chunks``, ``draw``):
 - ``val/ess``: Kish ESS / n of log w = −u(x) − log q(x);
 - ``val/distance_distortion``: ΔD (nm), mean over heavy backbone atom pairs of |mean generated
   distance − mean reference distance|;
-- ``val/energy_w2``: 1-D 2-Wasserstein distance (kT) between generated and reference energies
-  (finite samples only; generated energies above the highest reference energy + ``energy_cap``
-  count as that value, so that a few clashes read as a bounded penalty, not 10^12);
+- ``val/energy_w2`` and ``val/energy_w2_reweighted``: 1-D 2-Wasserstein distance (kT) between
+  generated (raw / importance-reweighted) and reference energies (finite samples only; generated
+  energies above the highest reference energy + ``energy_cap`` count as that value, so that a few
+  clashes read as a bounded penalty, not 10^12);
 - ``val/torsion_w2`` and ``val/torsion_w2_reweighted``: periodic 1-D 2-Wasserstein distance (rad)
   between generated (raw / importance-reweighted) and reference φ and ψ, averaged over residues;
 - ``val/finite_fraction`` and ``val/low_energy_fraction`` (energy ≤ the highest reference energy);
 - for a single-residue peptide (alanine dipeptide), ``val/basin_<name>`` and
-  ``val/basin_<name>_reweighted`` populations of the φ/ψ basins (``bg.analysis.BASINS``).
+  ``val/basin_<name>_reweighted`` populations of the φ/ψ basins (``bg.analysis.BASINS``);
+- with ``smc`` set (a ``bg.sampling.SMCSampler``), the same comparison for SMC samples, side by side
+  with the proposal: ``val/smc_energy_w2``, ``val/smc_torsion_w2``, ``val/smc_distance_distortion``,
+  ``val/smc_basin_<name>``, and ``val/smc_ess`` (final ESS/n), ``val/smc_acceptance``,
+  ``val/smc_rejection_rate``. Each rank runs its own population of ``smc_samples / ranks``
+  particles (seeded by step and rank) and resamples it to equal weights at the end, so the ranks'
+  samples pool like unweighted samples (a different population split changes the draws, not the
+  expectations).
 
 Figures (rank 0's samples): energy histogram (MD / generated / reweighted) and Ramachandran
 free-energy maps (MD / generated / reweighted), plus W&B/TensorBoard histograms of energies and
@@ -36,6 +44,7 @@ from torchmetrics import MeanMetric
 from bg import plots
 from bg.analysis import BASINS, backbone_pairs, basin_index, phi_psi_atoms, torsions
 from bg.metrics import DistanceDistortion, EffectiveSampleSize, Wasserstein1D, WeightedFraction, pairwise_distances
+from bg.sampling import SMCSampler, systematic_resample
 from callbacks.figures import log_figure, log_histogram
 
 
@@ -53,14 +62,20 @@ class SampleEvaluation(Callback):
         figures_every_n_evals: figures on every n-th evaluation only (they cost a second or two).
         energy_cap: kT above the highest reference energy at which generated energies are capped
             for ``val/energy_w2``.
+        smc: also run this SMC sampler from fresh proposal samples and log its metrics (``val/smc_*``).
+        smc_samples: SMC particles per evaluation, over all ranks.
+        smc_every_n_evals: SMC on every n-th evaluation only (it costs n_steps × langevin_steps gradient
+            evaluations of the flow and the energy).
     """
 
     def __init__(self, every_n_epochs: int = 1, n_samples: int = 2000, batch_size: int | None = None,
                  reference: str = "val", max_reference: int = 5000, figures: bool = True,
-                 figures_every_n_evals: int = 1, energy_cap: float = 20.0):
+                 figures_every_n_evals: int = 1, energy_cap: float = 20.0, smc: SMCSampler | None = None,
+                 smc_samples: int = 1000, smc_every_n_evals: int = 1):
         super().__init__()
-        if every_n_epochs < 1 or n_samples < 1:
-            raise ValueError("SampleEvaluation: every_n_epochs and n_samples must be ≥ 1")
+        if every_n_epochs < 1 or n_samples < 1 or smc_samples < 1 or smc_every_n_evals < 1:
+            raise ValueError("SampleEvaluation: every_n_epochs, n_samples, smc_samples and smc_every_n_evals must be ≥ 1")
+        self.smc, self.smc_samples, self.smc_every = smc, smc_samples, smc_every_n_evals
         self.every_n_epochs, self.n_samples, self.batch_size = every_n_epochs, n_samples, batch_size
         self.reference, self.max_reference = reference, max_reference
         self.figures, self.figures_every = figures, figures_every_n_evals
@@ -113,6 +128,7 @@ class SampleEvaluation(Callback):
             "ess": EffectiveSampleSize(),
             "distance_distortion": DistanceDistortion(ref["distance_mean"]),
             "energy_w2": Wasserstein1D(ref["energy"][:, None]),
+            "energy_w2_reweighted": Wasserstein1D(ref["energy"][:, None], weighted=True),
             "torsion_w2": Wasserstein1D(ref_angles, periodic=True),
             "torsion_w2_reweighted": Wasserstein1D(ref_angles, periodic=True, weighted=True),
             "finite_fraction": MeanMetric(),
@@ -123,7 +139,9 @@ class SampleEvaluation(Callback):
         metrics["ess"].update(log_w)
         metrics["distance_distortion"].update(pairwise_distances(x, ref["pairs"]))
         # Clashing samples (10^3..10^12 kT) would make the W2 meaningless; they count at the cap.
-        metrics["energy_w2"].update(torch.clamp(u, max=float(ref["energy"].max()) + self.energy_cap)[:, None])
+        u_capped = torch.clamp(u, max=float(ref["energy"].max()) + self.energy_cap)[:, None]
+        metrics["energy_w2"].update(u_capped)
+        metrics["energy_w2_reweighted"].update(u_capped, log_w)
         metrics["torsion_w2"].update(angles)
         metrics["torsion_w2_reweighted"].update(angles, log_w)
         metrics["finite_fraction"].update(finite.double())
@@ -135,6 +153,9 @@ class SampleEvaluation(Callback):
                 metrics[f"basin_{name}"].update((basins == k).double())
                 metrics[f"basin_{name}_reweighted"] = WeightedFraction().to(dev)
                 metrics[f"basin_{name}_reweighted"].update(log_w, basins == k)
+        smc = None
+        if self.smc is not None and self._evals % self.smc_every == 0:
+            smc = self._smc(trainer, pl_module, ref, metrics)
         values = {}
         for name, metric in metrics.items():
             values[name] = float(metric.compute())
@@ -144,8 +165,43 @@ class SampleEvaluation(Callback):
 
         self._evals += 1
         if self.figures and (self._evals - 1) % self.figures_every == 0:
-            self._figures(trainer, pl_module, ref, u, log_w, phi, psi)
+            self._figures(trainer, pl_module, ref, u, log_w, phi, psi, smc)
         return values
+
+    def _smc(self, trainer: L.Trainer, pl_module: L.LightningModule, ref: dict[str, Tensor],
+             metrics: dict) -> dict[str, Tensor]:
+        """Run SMC on this rank's share of ``smc_samples``, resample to equal weights, add ``smc_*`` metrics."""
+        dev = pl_module.device
+        world, rank = trainer.world_size, trainer.global_rank
+        n = self.smc_samples // world + (rank < self.smc_samples % world)
+        gen = torch.Generator(device=dev).manual_seed(1_000_003 * trainer.global_step + 7919 * rank + 17)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(1_000_003 * trainer.global_step + 7919 * rank + 29)
+            out = pl_module.run_sampler(n, sampler=self.smc, generator=gen)
+        idx = systematic_resample(torch.softmax(out["log_w"], 0), gen)
+        x, u = out["x"][idx], out["energy_kT"][idx]
+        phi, psi = torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])
+        new = {
+            "smc_energy_w2": Wasserstein1D(ref["energy"][:, None]),
+            "smc_torsion_w2": Wasserstein1D(torch.cat([ref["phi"], ref["psi"]], 1), periodic=True),
+            "smc_distance_distortion": DistanceDistortion(ref["distance_mean"]),
+            "smc_ess": MeanMetric(), "smc_acceptance": MeanMetric(), "smc_rejection_rate": MeanMetric(),
+        }
+        new = {name: m.to(dev) for name, m in new.items()}
+        new["smc_energy_w2"].update(torch.clamp(u, max=float(ref["energy"].max()) + self.energy_cap)[:, None])
+        new["smc_torsion_w2"].update(torch.cat([phi, psi], 1))
+        new["smc_distance_distortion"].update(pairwise_distances(x, ref["pairs"]))
+        new["smc_ess"].update(torch.tensor(out["ess"], dtype=torch.float64))
+        new["smc_acceptance"].update(torch.tensor(out["acceptance"] if out["acceptance"] is not None else math.nan,
+                                                  dtype=torch.float64))
+        new["smc_rejection_rate"].update(torch.tensor(out["rejection_rate"], dtype=torch.float64))
+        if phi.shape[1] == 1:
+            basins = basin_index(phi[:, 0], psi[:, 0])
+            for k, name in enumerate(BASINS):
+                new[f"smc_basin_{name}"] = MeanMetric().to(dev)
+                new[f"smc_basin_{name}"].update((basins == k).double())
+        metrics.update(new)
+        return dict(energy=u, phi=phi, psi=psi)
 
     def chunks(self, world_size: int, rank: int, default_batch: int) -> list[tuple[int, int]]:
         """(index, size) of the sample chunks this rank draws. The chunking depends on ``n_samples`` and
@@ -171,16 +227,19 @@ class SampleEvaluation(Callback):
                 parts.append(pl_module.sample_weighted(size, size))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-    def _figures(self, trainer, pl_module, ref, u, log_w, phi, psi) -> None:
+    def _figures(self, trainer, pl_module, ref, u, log_w, phi, psi, smc=None) -> None:
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
-        log_figure(trainer, "figures/energy", plots.energy_histogram(ref["energy"], u, log_w,
+        others = {"SMC": smc["energy"]} if smc else None
+        log_figure(trainer, "figures/energy", plots.energy_histogram(ref["energy"], u, log_w, others=others,
                                                                       title=f"energies, epoch {epoch}"))
         top = pl_module.topology
         labels = [f"{top.atom(int(q[1])).residue}" for q in ref["phi_q"]]
         sets = {"MD data": (ref["phi"], ref["psi"], None), "generated": (phi, psi, None),
                 "reweighted": (phi, psi, log_w)}
+        if smc:
+            sets["SMC"] = (smc["phi"], smc["psi"], None)
         log_figure(trainer, "figures/ramachandran", plots.ramachandran(sets, labels))
         log_histogram(trainer, "hist/energy_generated", u.cpu().numpy())
         log_histogram(trainer, "hist/log_w", log_w.cpu().numpy())

@@ -1,15 +1,20 @@
 """Write generated samples (``lightning predict``) as a trajectory plus their weights.
 
 Files in ``output_dir``: ``topology.pdb``, ``samples.<format>`` (any format mdtraj writes by
-extension: dcd, xtc, pdb, ...) and ``samples.npz`` with ``log_q`` (Cartesian log density),
-``energy_kT`` (reduced energy u) and ``log_w = −u − log_q`` (log importance weights), one entry per
-frame. Under DDP every rank writes its own files with a ``_rank<r>`` suffix.
+extension: dcd, xtc, pdb, ...) and ``samples.npz`` with one entry per frame: ``energy_kT`` (reduced
+energy u), ``log_w`` (log weights: −u − log_q for proposal samples, the final SMC weights for SMC
+particles) and, for proposal samples, ``log_q`` (Cartesian log density). With a sampler
+(``model.sampler``), ``samples.json`` holds its statistics: the sampler's name, ``ess`` (ESS/n),
+``log_z`` and, for SMC, the ESS history, resampling times, acceptance and energy-cut rejection rate.
+Under DDP every rank writes its own files with a ``_rank<r>`` suffix (with SMC each rank's particles
+are one population; combine ranks by weighting each with exp(log_z)).
 
 Load them with ``mdtraj.load("samples.dcd", top="topology.pdb")`` and ``numpy.load("samples.npz")``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,8 @@ class SampleWriter(BasePredictionWriter):
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         if not batches:
             return
-        out = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        out = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if isinstance(batches[0][k], torch.Tensor)}
+        stats = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         top_path = self.output_dir / "topology.pdb"
@@ -51,9 +57,14 @@ class SampleWriter(BasePredictionWriter):
         traj_path = self.output_dir / f"samples{suffix}.{self.format}"
         traj.save(str(traj_path))
         npz_path = self.output_dir / f"samples{suffix}.npz"
-        np.savez(npz_path, **{k: out[k].double().numpy() for k in ("log_q", "energy_kT", "log_w")})
+        np.savez(npz_path, **{k: v.double().numpy() for k, v in out.items() if k != "x"})
         self.written = [top_path, traj_path, npz_path]
+        if stats:
+            json_path = self.output_dir / f"samples{suffix}.json"
+            json_path.write_text(json.dumps(stats, indent=1))
+            self.written.append(json_path)
         ess = float(kish_ess(out["log_w"].double()))
-        print(f"wrote {len(traj)} samples to {traj_path} (+ {npz_path.name}, {top_path.name}); "
+        what = f"{stats['sampler']} " if "sampler" in stats else ""
+        print(f"wrote {len(traj)} {what}samples to {traj_path} (+ {', '.join(p.name for p in self.written if p != traj_path)}); "
               f"ESS/n = {ess:.3f} on this rank")
 

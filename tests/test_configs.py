@@ -49,3 +49,28 @@ def test_training_configs_parse_and_build_every_component(path, tmp_path):
     assert stages[0].epochs == 3 and stages[1].epochs == yaml.safe_load(path.read_text())["loss"]["stages"]["ml_w2"]["epochs"]
     epochs = sum(s.epochs or 0 for s in stages)
     assert epochs <= cli.trainer.max_epochs
+
+
+TARFLOW_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_tarflow.yaml"))
+SAMPLER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TARFLOW_CONFIGS, ids=[p.stem for p in TARFLOW_CONFIGS])
+@pytest.mark.parametrize("sampler", [None, *SAMPLER_CONFIGS], ids=["no-sampler", *[p.stem for p in SAMPLER_CONFIGS]])
+def test_tarflow_configs_parse_with_each_sampler(path, sampler, tmp_path):
+    """TarFlow configs, alone and with each sampler config layered on top, through the real parser."""
+    from bg.lightning_cli import BGCLI
+    from bg.models import TarFlowGenerator
+    from bg.sampling import ImportanceSampler, SMCSampler
+
+    args = ["--config", str(path)] + (["--config", str(sampler)] if sampler else [])
+    cli = BGCLI(args=args + ["--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                             f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                model_class=TarFlowGenerator.__mro__[1], datamodule_class=MDDataModule.__mro__[1],
+                subclass_mode_model=True, subclass_mode_data=True, run=False)
+    model = cli.model
+    assert isinstance(model, TarFlowGenerator) and model.com_correction == "gaussian" and model.rotations
+    expected = {None: type(None), "importance": ImportanceSampler, "smc": SMCSampler}[sampler.stem if sampler else None]
+    assert isinstance(model.sampler, expected)
+    stages = yaml.safe_load(path.read_text())["loss"]["stages"]
+    assert sum(s["epochs"] for s in stages.values()) <= cli.trainer.max_epochs

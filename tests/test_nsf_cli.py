@@ -82,12 +82,13 @@ def test_fit_writes_checkpoint_metrics_figures_and_config(fitted):
 
 def test_predict_writes_readable_samples_with_correct_weights(fitted, aldp_system):
     tmp_path, small, _ = fitted
+    # the checkpoint's hyperparameters say 50; a sampling option on the command line wins over them
     out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path",
-               str(tmp_path / "ckpt" / "last.ckpt")], tmp_path)
-    assert "wrote 50 samples" in out
+               str(tmp_path / "ckpt" / "last.ckpt"), "--model.init_args.predict_samples=30"], tmp_path)
+    assert "wrote 30 samples" in out
     traj = md.load(str(tmp_path / "samples" / "samples.dcd"), top=str(tmp_path / "samples" / "topology.pdb"))
     weights = np.load(tmp_path / "samples" / "samples.npz")
-    assert traj.n_frames == 50 and traj.n_atoms == 22
+    assert traj.n_frames == 30 and traj.n_atoms == 22
     np.testing.assert_allclose(weights["log_w"], -weights["energy_kT"] - weights["log_q"])
     # Energies recomputed by OpenMM on the written (float32) frames agree.
     u = OpenMMEnergy(aldp_system.create_openmm_system(), aldp_system.temperature)(torch.tensor(traj.xyz, dtype=torch.float64))

@@ -98,3 +98,20 @@ def test_bad_options_are_one_line():
         SplitChannelNSF(loss_weights={"nll": 1.0, "fm": 1.0})
     with pytest.raises(ValueError, match="needs an MD DataModule"):
         SplitChannelNSF().setup("fit")
+
+
+def test_smc_runs_in_cartesian_space_for_the_nsf(built):
+    # The default particle space of every family is Cartesian nm with E0 = −log q(x) (through the
+    # internal coordinates) and E1 = u(x); at t = 0 their difference is the importance log-weight.
+    from bg.sampling import SMCSampler
+
+    model, _ = built
+    torch.manual_seed(2)
+    x = model.draw_particles(16)
+    out = model.sample_weighted(4)
+    torch.testing.assert_close(model.source_energy(out["x"]) - model.sampler_target_energy(out["x"]), out["log_w"],
+                               rtol=0, atol=5e-3)
+    res = model.run_sampler(16, SMCSampler(n_steps=3, langevin_steps=2, step_size=1e-7),
+                            generator=torch.Generator().manual_seed(0))
+    assert x.shape == res["x"].shape == (16, 22, 3) and torch.isfinite(res["energy_kT"]).all()
+    assert 0 < res["acceptance"] <= 1 and len(res["ess_history"]) == 3

@@ -2,5 +2,6 @@
 
 from bg.models.base import BoltzmannGenerator
 from bg.models.nsf import SplitChannelNSF
+from bg.models.tarflow import TarFlowGenerator
 
-__all__ = ["BoltzmannGenerator", "SplitChannelNSF"]
+__all__ = ["BoltzmannGenerator", "SplitChannelNSF", "TarFlowGenerator"]

@@ -23,13 +23,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bg.energy import linlog_cut, target_energy
+from bg.sampling import ImportanceSampler, Sampler, SMCSampler
 from bg.systems import MolecularSystem
 
 log = logging.getLogger(__name__)
 
 
 class _SampleCounts(torch.utils.data.Dataset):
-    """Batches for ``predict``: item i is the number of samples to draw in batch i."""
+    """Batches for ``predict``: item i is the number of samples to draw in batch i (one batch per rank
+    when a sampler needs all particles at once)."""
 
     def __init__(self, n: int, batch_size: int):
         self.sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
@@ -55,6 +57,11 @@ class BoltzmannGenerator(L.LightningModule):
             rank cores / ranks threads), so N ranks do not oversubscribe the machine.
         sample_batch_size: batch size of ``sample`` / prediction.
         predict_samples: how many samples ``predict`` draws (in total, over all devices).
+        sampler: what ``predict`` does with the proposal samples: ``None`` writes them with their
+            importance weights batch by batch; ``bg.sampling.ImportanceSampler`` (optional clipping of
+            the top weights) or ``bg.sampling.SMCSampler`` (annealed Langevin; each rank runs one
+            population of ``predict_samples / ranks`` particles) write the sampler's output
+            (``run_sampler``).
         max_skipped_in_a_row: a training step whose loss or gradients are not finite is skipped (no
             optimizer update, counted as ``train/skipped_steps``); this many in a row stop the run
             with an error, since the weights or data are then broken rather than unlucky.
@@ -71,7 +78,7 @@ class BoltzmannGenerator(L.LightningModule):
     def __init__(self, loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  energy_backend: str = "auto", energy_compile: bool = False, energy_cut: float = 1e3,
                  energy_workers: int = 0, sample_batch_size: int = 1000, predict_samples: int = 10_000,
-                 max_skipped_in_a_row: int = 20):
+                 sampler: Sampler | None = None, max_skipped_in_a_row: int = 20):
         super().__init__()
         self.loss_weights = dict(loss_weights or {"nll": 1.0})
         self.check_loss_weights(self.loss_weights)
@@ -79,6 +86,7 @@ class BoltzmannGenerator(L.LightningModule):
         self.energy_backend, self.energy_compile, self.energy_cut = energy_backend, energy_compile, energy_cut
         self.energy_workers = energy_workers
         self.sample_batch_size, self.predict_samples = sample_batch_size, predict_samples
+        self.sampler = sampler
         if max_skipped_in_a_row < 1:
             raise ValueError(f"model.max_skipped_in_a_row must be ≥ 1, got {max_skipped_in_a_row}")
         self.max_skipped_in_a_row = max_skipped_in_a_row
@@ -207,6 +215,50 @@ class BoltzmannGenerator(L.LightningModule):
         u = torch.cat([self.energy(c) for c in x.split(bs)])
         return dict(x=x, log_q=log_q, energy_kT=u, log_w=-u - log_q.double())
 
+    # ------------------------------------------------------------------ samplers (IS / SMC)
+    # SMC moves particles in a space of the family's choosing; the default is Cartesian nm with
+    # E0 = −log q(x) and E1 = u(x) (both invariant to rigid motions for internal-coordinate flows).
+    def draw_particles(self, n: int) -> Tensor:
+        """``n`` proposal particles (float64) in the space SMC works in (default: Cartesian frames, nm)."""
+        return self.sample(n)[0]
+
+    def source_energy(self, s: Tensor) -> Tensor:
+        """E0 = −log q of particles ``(B, ...)`` → ``(B,)``, differentiable."""
+        return -self.log_prob(s)
+
+    def sampler_target_energy(self, s: Tensor) -> Tensor:
+        """E1 of particles ``(B, ...)`` → ``(B,)`` kT, differentiable (default: u)."""
+        return self.energy(s)
+
+    def particles_to_frames(self, s: Tensor) -> Tensor:
+        """Cartesian frames ``(B, N, 3)`` nm of particles."""
+        return s
+
+    def run_sampler(self, n: int, sampler: Sampler | None = None, generator: torch.Generator | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+        """Draw ``n`` proposal samples and pass them through ``sampler`` (default: ``self.sampler``, else plain
+        importance sampling). Returns ``x`` ``(n, N, 3)`` nm, ``log_w`` ``(n,)`` (final weights), ``energy_kT``
+        ``(n,)``, ``log_q`` (importance sampling only) and the sampler's statistics (``ess``, ``log_z``, ...)."""
+        sampler = sampler or self.sampler or ImportanceSampler()
+        bs = self.sample_batch_size
+        if isinstance(sampler, ImportanceSampler):
+            out = self.sample_weighted(n)
+            res = sampler(-out["log_q"].double(), out["energy_kT"])
+            return dict(out, log_w=res.log_w, sampler=sampler.name, ess=res.ess, log_z=res.log_z,
+                        n_clipped=res.n_clipped, n_rejected=res.n_rejected)
+        if not isinstance(sampler, SMCSampler):
+            raise TypeError(f"unknown sampler {type(sampler).__name__}; use bg.sampling.ImportanceSampler or SMCSampler")
+        # SMC needs gradients; Lightning's predict and validation loops run in inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            res = sampler(self.draw_particles(n), self.source_energy, self.sampler_target_energy, generator=generator,
+                          progress=progress)
+        x = self.particles_to_frames(res.x).double()
+        with torch.no_grad():
+            u = torch.cat([self.energy(c) for c in x.split(bs)])
+        return dict(x=x, log_w=res.log_w, energy_kT=u, sampler=sampler.name, ess=res.ess, log_z=res.log_z,
+                    ess_history=res.ess_history, resampled_at=res.resampled_at, acceptance=res.acceptance,
+                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate)
+
     # ------------------------------------------------------------------ Lightning
     def on_train_start(self) -> None:
         if self._resume_rng is not None:
@@ -276,12 +328,17 @@ class BoltzmannGenerator(L.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self._trainer is not None else 1
         per_rank = math.ceil(self.predict_samples / world)
-        # Each rank gets its own sampler slice of the dataset; give every rank per_rank samples.
-        return DataLoader(_SampleCounts(per_rank * world, self.sample_batch_size), batch_size=None)
+        # Each rank gets its own sampler slice of the dataset; give every rank per_rank samples (in one
+        # item when a sampler weighs them all together).
+        batch = self.sample_batch_size if self.sampler is None else per_rank
+        return DataLoader(_SampleCounts(per_rank * world, batch), batch_size=None)
 
-    def predict_step(self, batch: int, batch_idx: int) -> dict[str, Tensor]:
-        out = self.sample_weighted(int(batch))
-        return {k: v.cpu() for k, v in out.items()}
+    def predict_step(self, batch: int, batch_idx: int) -> dict[str, Any]:
+        if self.sampler is None:
+            out = self.sample_weighted(int(batch))
+        else:
+            out = self.run_sampler(int(batch), progress=True)
+        return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in out.items()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -29,6 +29,7 @@ from bg.flows.distributions import BOUNDED_BASES, TORSION_BASES
 from bg.flows.nsf import CONDITIONERS
 from bg.metrics import pairwise_distances
 from bg.models.base import BoltzmannGenerator
+from bg.sampling import Sampler
 from bg.systems import MolecularSystem
 
 
@@ -83,13 +84,14 @@ class SplitChannelNSF(BoltzmannGenerator):
         energy_workers: int = 0,
         sample_batch_size: int = 1000,
         predict_samples: int = 10_000,
+        sampler: Sampler | None = None,
         max_skipped_in_a_row: int = 20,
     ):
         super().__init__(loss_weights=loss_weights, lr=lr, weight_decay=weight_decay, energy_backend=energy_backend,
                          energy_compile=energy_compile, energy_cut=energy_cut, energy_workers=energy_workers,
-                         sample_batch_size=sample_batch_size, predict_samples=predict_samples,
+                         sample_batch_size=sample_batch_size, predict_samples=predict_samples, sampler=sampler,
                          max_skipped_in_a_row=max_skipped_in_a_row)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sampler"])
         self.flow_kwargs = dict(split_channels=split_channels, conditioner=conditioner, backbone_layers=backbone_layers,
                                 sidechain_layers=sidechain_layers, bins=bins, width=width, depth=depth,
                                 attention_dim=attention_dim, absolute_position=absolute_position, rotary=rotary, tokens=tokens,

@@ -8,6 +8,8 @@ Generators, Tan et al. 2025).
 """
 
 from bg.sampling.importance import ISResult, importance_sampling
+from bg.sampling.samplers import ImportanceSampler, Sampler, SMCSampler
 from bg.sampling.smc import SMCResult, smc, systematic_resample
 
-__all__ = ["ISResult", "SMCResult", "importance_sampling", "smc", "systematic_resample"]
+__all__ = ["ISResult", "ImportanceSampler", "SMCResult", "SMCSampler", "Sampler", "importance_sampling", "smc",
+           "systematic_resample"]

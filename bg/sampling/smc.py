@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Energy = Callable[[Tensor], Tensor]
 
@@ -69,22 +70,32 @@ def systematic_resample(weights: Tensor, generator: torch.Generator | None = Non
     return torch.searchsorted(cumulative, positions).clamp_(max=n - 1)
 
 
-def _energies(x: Tensor, source: Energy, target: Energy, t: float, grad: bool):
+def _energies_chunk(x: Tensor, source: Energy, target: Energy, grad: bool):
     x = x.detach().requires_grad_(grad)
     with torch.enable_grad() if grad else torch.no_grad():
         e0, e1 = source(x).double(), target(x).double()
-        g = None
-        if grad:
-            e_t = (1 - t) * e0 + t * e1
-            ok = torch.isfinite(e_t)
-            (g,) = torch.autograd.grad(torch.where(ok, e_t, 0.0).sum(), x)
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    return e0.detach(), e1.detach(), g
+        if not grad:
+            return e0, e1, None, None
+        grads = []
+        for e in (e0, e1):
+            (g,) = torch.autograd.grad(torch.where(torch.isfinite(e), e, 0.0).sum(), x, retain_graph=e is e0)
+            grads.append(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
+    return e0.detach(), e1.detach(), grads[0], grads[1]
+
+
+def _energies(x: Tensor, source: Energy, target: Energy, grad: bool, batch_size: int | None):
+    """E0, E1 ``(n,)`` and (with ``grad``) ∇E0, ∇E1 ``(n, *event)``, in chunks of ``batch_size`` particles.
+    Keeping the two gradients apart gives ∇E_t for any t from one evaluation."""
+    if batch_size is None or len(x) <= batch_size:
+        return _energies_chunk(x, source, target, grad)
+    parts = [_energies_chunk(c, source, target, grad) for c in x.split(batch_size)]
+    return tuple(torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4))
 
 
 def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 100, langevin_steps: int = 1,
         step_size: float = 1e-3, metropolis: bool = False, ess_threshold: float = 0.5,
-        energy_cut: float | None = None, generator: torch.Generator | None = None) -> SMCResult:
+        energy_cut: float | None = None, batch_size: int | None = None, generator: torch.Generator | None = None,
+        progress: bool = False) -> SMCResult:
     """Transport samples ``x`` ``(n, *event)`` of q toward exp(−E1) (see module docstring).
 
     Args:
@@ -97,14 +108,17 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
         metropolis: accept/reject each step (MALA), making every step exact for exp(−E_t).
         ess_threshold: resample when ESS / n falls below this (1: every step; 0: never).
         energy_cut: particles whose target energy exceeds this (kT), or is not finite, get weight 0.
+        batch_size: particles per energy/gradient evaluation (bounds memory); ``None``: all at once.
         generator: random stream of the noise and of resampling.
+        progress: show a progress bar over the path points (stderr).
     """
     if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
         raise ValueError("smc: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
     n = x.shape[0]
     x = x.detach()
     ts = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64).tolist()
-    e0, e1, _ = _energies(x, source_energy, target_energy, 0.0, False)
+    grad = langevin_steps > 0
+    e0, e1, g0, g1 = _energies(x, source_energy, target_energy, grad, batch_size)
     log_w = torch.zeros(n, dtype=torch.float64, device=x.device)
     n_rejected = 0
 
@@ -117,7 +131,9 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
     log_w, k_bad = reject(e1, log_w)
     n_rejected += k_bad
     log_z, ess_history, resampled_at, accepted, proposed = 0.0, [], [], 0, 0
-    for k in range(1, n_steps + 1):
+    shape = (n,) + (1,) * (x.dim() - 1)
+    flat = lambda v: v.reshape(n, -1).double()  # noqa: E731
+    for k in tqdm(range(1, n_steps + 1), desc="SMC", disable=not progress, leave=False):
         t, dt = ts[k], ts[k] - ts[k - 1]
         log_w = log_w - dt * torch.nan_to_num(e1 - e0, nan=math.inf, posinf=math.inf)
         if not torch.isfinite(log_w).any():
@@ -129,17 +145,18 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
             log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
             idx = systematic_resample(torch.softmax(log_w, 0), generator)
             x, e0, e1 = x[idx], e0[idx], e1[idx]
+            if grad:
+                g0, g1 = g0[idx], g1[idx]
             log_w = torch.zeros_like(log_w)
             resampled_at.append(t)
         for _ in range(langevin_steps):
-            _, _, g = _energies(x, source_energy, target_energy, t, True)
-            e_t = (1 - t) * e0 + t * e1
+            g = (1 - t) * g0 + t * g1
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x_new = x - step_size * g.to(x.dtype) + math.sqrt(2 * step_size) * noise
-            e0_new, e1_new, g_new = _energies(x_new, source_energy, target_energy, t, metropolis)
-            e_t_new = (1 - t) * e0_new + t * e1_new
+            e0_new, e1_new, g0_new, g1_new = _energies(x_new, source_energy, target_energy, True, batch_size)
             if metropolis:
-                flat = lambda v: v.reshape(n, -1).double()  # noqa: E731
+                g_new = (1 - t) * g0_new + t * g1_new
+                e_t, e_t_new = (1 - t) * e0 + t * e1, (1 - t) * e0_new + t * e1_new
                 fwd = flat(x_new - x + step_size * g).square().sum(1) / (4 * step_size)
                 bwd = flat(x - x_new + step_size * g_new).square().sum(1) / (4 * step_size)
                 log_alpha = -(e_t_new - e_t) - bwd + fwd
@@ -147,11 +164,11 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
                 accept = torch.isfinite(e_t_new) & (torch.log(u) < log_alpha)
                 accepted += int(accept.sum())
                 proposed += n
-                shape = (n,) + (1,) * (x.dim() - 1)
                 x = torch.where(accept.view(shape), x_new, x)
+                g0, g1 = torch.where(accept.view(shape), g0_new, g0), torch.where(accept.view(shape), g1_new, g1)
                 e0, e1 = torch.where(accept, e0_new, e0), torch.where(accept, e1_new, e1)
             else:
-                x, e0, e1 = x_new, e0_new, e1_new
+                x, e0, e1, g0, g1 = x_new, e0_new, e1_new, g0_new, g1_new
             log_w, k_bad = reject(e1, log_w)
             n_rejected += k_bad
     log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
