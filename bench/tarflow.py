@@ -124,7 +124,8 @@ def main() -> None:
                                 progress=True)
         label = f"SMC K={k_steps}, h={h:g} nm²"
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
-                                resamples=len(out["resampled_at"]), rejection=out["rejection_rate"])
+                                resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
+                                ancestors=out["n_ancestors"])
         rows[label] = compare(model, out["x"], out["energy_kT"], out["log_w"], ref)
 
     ess = float(kish_ess(log_w))
@@ -149,10 +150,12 @@ def main() -> None:
     lines += ["", f"SMC: {args.smc_particles} particles, K path points (ending at t = 1), "
               f"{args.langevin_steps} {'ULA' if args.ula else 'MALA'} step(s) each, resampling at ESS < 0.5, "
               "final weights used (no final resampling):", "",
-              "| run | time | final ESS/n | acceptance | resamplings | energy-cut rejections |", "|---|---|---|---|---|---|"]
+              "| run | time | final ESS/n | acceptance | resamplings | distinct ancestors | energy-cut rejections |",
+              "|---|---|---|---|---|---|---|"]
     for label, s in smc_stats.items():
         acc = f"{s['acceptance']:.3f}" if s["acceptance"] is not None else "—"
-        lines.append(f"| {label} | {s['time']:.0f} s | {s['ess']:.3f} | {acc} | {s['resamples']} | {s['rejection']:.4f} |")
+        lines.append(f"| {label} | {s['time']:.0f} s | {s['ess']:.3f} | {acc} | {s['resamples']} | {s['ancestors']} | "
+                     f"{s['rejection']:.4f} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

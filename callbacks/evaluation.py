@@ -20,7 +20,8 @@ and logs the same values (``chunks``, ``draw``):
 - with ``smc`` set (a ``bg.sampling.SMCSampler``), the same comparison for SMC samples, side by side
   with the proposal: ``val/smc_energy_w2``, ``val/smc_torsion_w2``, ``val/smc_distance_distortion``,
   ``val/smc_basin_<name>``, and ``val/smc_ess`` (final ESS/n), ``val/smc_acceptance``,
-  ``val/smc_rejection_rate``. Each rank runs its own population of ``smc_samples / ranks``
+  ``val/smc_rejection_rate``, ``val/smc_ancestor_fraction`` (distinct proposals the final particles
+  descend from / particles: near 0 means the population collapsed onto a few proposals). Each rank runs its own population of ``smc_samples / ranks``
   particles (seeded by step and rank) and resamples it to equal weights at the end, so the ranks'
   samples pool like unweighted samples (a different population split changes the draws, not the
   expectations).
@@ -186,6 +187,7 @@ class SampleEvaluation(Callback):
             "smc_torsion_w2": Wasserstein1D(torch.cat([ref["phi"], ref["psi"]], 1), periodic=True),
             "smc_distance_distortion": DistanceDistortion(ref["distance_mean"]),
             "smc_ess": MeanMetric(), "smc_acceptance": MeanMetric(), "smc_rejection_rate": MeanMetric(),
+            "smc_ancestor_fraction": MeanMetric(),
         }
         new = {name: m.to(dev) for name, m in new.items()}
         new["smc_energy_w2"].update(torch.clamp(u, max=float(ref["energy"].max()) + self.energy_cap)[:, None])
@@ -195,6 +197,7 @@ class SampleEvaluation(Callback):
         new["smc_acceptance"].update(torch.tensor(out["acceptance"] if out["acceptance"] is not None else math.nan,
                                                   dtype=torch.float64))
         new["smc_rejection_rate"].update(torch.tensor(out["rejection_rate"], dtype=torch.float64))
+        new["smc_ancestor_fraction"].update(torch.tensor(out["n_ancestors"] / n, dtype=torch.float64))
         if phi.shape[1] == 1:
             basins = basin_index(phi[:, 0], psi[:, 0])
             for k, name in enumerate(BASINS):

@@ -5,7 +5,8 @@ extension: dcd, xtc, pdb, ...) and ``samples.npz`` with one entry per frame: ``e
 energy u), ``log_w`` (log weights: −u − log_q for proposal samples, the final SMC weights for SMC
 particles) and, for proposal samples, ``log_q`` (Cartesian log density). With a sampler
 (``model.sampler``), ``samples.json`` holds its statistics: the sampler's name, ``ess`` (ESS/n),
-``log_z`` and, for SMC, the ESS history, resampling times, acceptance and energy-cut rejection rate.
+``log_z`` and, for SMC, the ESS history, resampling times, acceptance, energy-cut rejection rate and
+``n_ancestors`` (distinct proposals the final particles descend from).
 Under DDP every rank writes its own files with a ``_rank<r>`` suffix (with SMC each rank's particles
 are one population; combine ranks by weighting each with exp(log_z)).
 

@@ -71,6 +71,10 @@ def test_smc_reaches_the_target_and_reports_its_work():
     assert len(res.ess_history) == 10 and res.resampled_at[-1] == pytest.approx(1.0)  # the path ends at t = 1
     assert 0 < res.acceptance <= 1 and 0 < res.rejection_rate < 1 and res.n_rejected > 0
     assert torch.isfinite(target_energy(res.x)[torch.isfinite(res.log_w)]).all()
+    # resampling at every step copies particles: fewer distinct ancestors than particles; never: all of them
+    assert 1 <= res.n_ancestors < 400
+    kept = smc(x, source_energy, target_energy, n_steps=3, step_size=0.02, ess_threshold=0.0, generator=gen)
+    assert kept.resampled_at == [] and kept.n_ancestors == 400
     with pytest.raises(FloatingPointError, match="every particle has weight 0"):
         smc(x, source_energy, target_energy, n_steps=2, energy_cut=-100.0, generator=gen)
 

@@ -51,7 +51,7 @@ def test_fit_logs_proposal_reweighted_and_smc_metrics_side_by_side(fitted):
     assert len(val) == 2
     for key in ("val/energy_w2", "val/energy_w2_reweighted", "val/torsion_w2", "val/torsion_w2_reweighted",
                 "val/smc_energy_w2", "val/smc_torsion_w2", "val/smc_ess", "val/smc_acceptance",
-                "val/smc_rejection_rate", "val/smc_basin_beta_C7eq"):
+                "val/smc_rejection_rate", "val/smc_ancestor_fraction", "val/smc_basin_beta_C7eq"):
         assert np.isfinite(float(val[-1][key])), key
     assert any(r.get("train/kl") for r in rows)  # the second stage trained the reverse KL
     figures = [p.name for p in (tmp_path / "logs" / "run" / "figures").iterdir()]

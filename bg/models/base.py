@@ -257,7 +257,7 @@ class BoltzmannGenerator(L.LightningModule):
             u = torch.cat([self.energy(c) for c in x.split(bs)])
         return dict(x=x, log_w=res.log_w, energy_kT=u, sampler=sampler.name, ess=res.ess, log_z=res.log_z,
                     ess_history=res.ess_history, resampled_at=res.resampled_at, acceptance=res.acceptance,
-                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate)
+                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)
 
     # ------------------------------------------------------------------ Lightning
     def on_train_start(self) -> None:

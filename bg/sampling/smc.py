@@ -36,6 +36,9 @@ class SMCResult:
         acceptance: mean Metropolis acceptance of the Langevin steps (None when unadjusted).
         n_rejected: particle evaluations removed by the energy cut (or non-finite energy).
         rejection_rate: ``n_rejected`` / (n · (K · langevin_steps + 1)) evaluations.
+        n_ancestors: distinct initial particles the final particles descend from (resampling copies
+            particles; far fewer ancestors than particles means the population collapsed onto a few
+            proposals, whose coarse features, e.g. conformational basins, the result then inherits).
     """
 
     x: Tensor
@@ -47,6 +50,7 @@ class SMCResult:
     acceptance: float | None = None
     n_rejected: int = 0
     rejection_rate: float = 0.0
+    n_ancestors: int = 0
 
     @property
     def weights(self) -> Tensor:
@@ -132,6 +136,7 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
     n_rejected += k_bad
     log_z, ess_history, resampled_at, accepted, proposed = 0.0, [], [], 0, 0
     shape = (n,) + (1,) * (x.dim() - 1)
+    ancestor = torch.arange(n, device=x.device)
     flat = lambda v: v.reshape(n, -1).double()  # noqa: E731
     for k in tqdm(range(1, n_steps + 1), desc="SMC", disable=not progress, leave=False):
         t, dt = ts[k], ts[k] - ts[k - 1]
@@ -144,7 +149,7 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
         if ess < ess_threshold:
             log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
             idx = systematic_resample(torch.softmax(log_w, 0), generator)
-            x, e0, e1 = x[idx], e0[idx], e1[idx]
+            x, e0, e1, ancestor = x[idx], e0[idx], e1[idx], ancestor[idx]
             if grad:
                 g0, g1 = g0[idx], g1[idx]
             log_w = torch.zeros_like(log_w)
@@ -175,4 +180,5 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
     evaluations = n * (n_steps * langevin_steps + 1)
     return SMCResult(x=x.detach(), log_w=log_w, log_z=log_z, ess=_ess(log_w), ess_history=ess_history,
                      resampled_at=resampled_at, acceptance=accepted / proposed if proposed else None,
-                     n_rejected=n_rejected, rejection_rate=n_rejected / evaluations)
+                     n_rejected=n_rejected, rejection_rate=n_rejected / evaluations,
+                     n_ancestors=int(ancestor[torch.isfinite(log_w)].unique().numel()))

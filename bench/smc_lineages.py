@@ -1,0 +1,45 @@
+"""How many proposal samples the final SMC particles descend from (lineage collapse), for a checkpoint.
+
+    python bench/smc_lineages.py --checkpoint <ckpt> --particles 1000 --steps 100 --step-size 3e-6 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bg  # noqa: E402
+from bg.analysis import BASINS, basin_populations, phi_psi  # noqa: E402
+from bg.sampling import SMCSampler  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--particles", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--step-size", type=float, default=3e-6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    model = bg.load_generator(args.checkpoint)
+    print("| seed | time | resamplings | distinct ancestors | final ESS/n | basins " + " / ".join(BASINS) + " |")
+    print("|---|---|---|---|---|---|")
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        t0 = time.time()
+        out = model.run_sampler(args.particles, SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000),
+                                generator=torch.Generator().manual_seed(seed))
+        phi, psi = phi_psi(out["x"], model.topology)
+        b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
+        print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['resampled_at'])} | {out['n_ancestors']} | {out['ess']:.3f} | "
+              + " / ".join(f"{b[k]:.3f}" for k in BASINS) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
