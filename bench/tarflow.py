@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import bg  # noqa: E402
 from bg.analysis import BASINS, backbone_pairs, basin_populations, phi_psi_atoms, torsions  # noqa: E402
-from bg.coordinates import COM_CORRECTIONS, centre_of_mass, com_log_density  # noqa: E402
+from bg.coordinates import COM_CORRECTIONS  # noqa: E402
 from bg.metrics import circular_w2_1d, kish_ess, pairwise_distances, w2_1d  # noqa: E402
 from bg.sampling import SMCSampler  # noqa: E402
 from datamodules import MDDataModule  # noqa: E402
@@ -91,21 +91,15 @@ def main() -> None:
     # proposal samples with log q, timed; the flow samples are kept to compare CoM corrections
     t0 = time.time()
     with torch.no_grad():
-        xfs, lqfs = [], []
-        for i in range(0, args.samples, model.sample_batch_size):
-            xf, lqf = model.flow.sample(min(model.sample_batch_size, args.samples - i))
-            xfs.append(xf.reshape(len(xf), model.n_atoms, 3).double())
-            lqfs.append(lqf.double())
+        parts = [model.flow_samples(min(model.sample_batch_size, args.samples - i))
+                 for i in range(0, args.samples, model.sample_batch_size)]
     t_sample = time.time() - t0
-    xf, lqf = torch.cat(xfs), torch.cat(lqfs)
-    x = (xf - centre_of_mass(xf)[:, None]) * model.scale
+    xf, lqf = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    x = model.particles_to_frames(xf * model.scale)
     with torch.no_grad():
         u = torch.cat([model.energy(c) for c in x.split(2000)])
-    ess_by_com = {}
-    for kind in COM_CORRECTIONS:
-        log_q = lqf - com_log_density(xf, model.com_sigma, kind) + model._shape_log_det()
-        ess_by_com[kind] = float(kish_ess(-u - log_q))
-    log_q = lqf - com_log_density(xf, model.com_sigma, model.com_correction) + model._shape_log_det()
+    ess_by_com = {kind: float(kish_ess(-u - model.cartesian_log_q(xf, lqf, kind))) for kind in COM_CORRECTIONS}
+    log_q = model.cartesian_log_q(xf, lqf)
     log_w = -u - log_q
     rows = {"proposal (raw)": compare(model, x, u, None, ref),
             "importance-reweighted": compare(model, x, u, log_w, ref)}

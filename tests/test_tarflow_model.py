@@ -8,7 +8,8 @@ import torch
 
 from bg.coordinates import add_com_noise, centre_of_mass, com_log_density
 from bg.models import TarFlowGenerator
-from bg.sampling import ImportanceSampler, SMCSampler
+from bg.sampling import ImportanceSampler, Sampler, SMCSampler
+from callbacks import SampleEvaluation
 
 TINY = dict(channels=16, blocks=2, layers=1, heads=2, sample_batch_size=64)
 
@@ -97,6 +98,17 @@ def test_options_are_checked():
         TarFlowGenerator(com_correction="chi")
     with pytest.raises(ValueError, match="scale must be positive"):
         TarFlowGenerator(scale=0.0)
+    with pytest.raises(ValueError, match="clip_top must be positive"):
+        ImportanceSampler(clip_top=0)
+    with pytest.raises(ValueError, match="step_size > 0"):
+        SMCSampler(step_size=0.0)
+    with pytest.raises(ValueError, match="smc_samples"):
+        SampleEvaluation(smc_samples=0)
+
+
+def test_an_unknown_sampler_is_refused(model):
+    with pytest.raises(TypeError, match="use bg.sampling.ImportanceSampler or SMCSampler"):
+        model.run_sampler(4, sampler=Sampler())
 
 
 def test_coordinate_tokens_and_a_checkpointed_scale(aldp_system, frames, tmp_path):

@@ -1,9 +1,9 @@
 """Representations: bijections between Cartesian frames and the spaces flows work in."""
 
 from bg.coordinates.cartesian import CartesianCoordinates, random_rotations
-from bg.coordinates.com import COM_CORRECTIONS, add_com_noise, centre_of_mass, com_log_density
+from bg.coordinates.com import COM_CORRECTIONS, add_com_noise, centre_of_mass, centred, com_log_density
 from bg.coordinates.internal import InternalCoordinates
 from bg.coordinates.zmatrix import ZMatrix, build_zmatrix, is_backbone_atom
 
-__all__ = ["COM_CORRECTIONS", "CartesianCoordinates", "add_com_noise", "centre_of_mass", "com_log_density", "InternalCoordinates", "ZMatrix", "build_zmatrix", "is_backbone_atom",
+__all__ = ["COM_CORRECTIONS", "CartesianCoordinates", "add_com_noise", "centre_of_mass", "centred", "com_log_density", "InternalCoordinates", "ZMatrix", "build_zmatrix", "is_backbone_atom",
            "random_rotations"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from bg.coordinates.com import centred
 
 
 def random_rotations(n: int, dtype: torch.dtype = torch.float32, device=None, generator: torch.Generator | None = None) -> Tensor:
@@ -43,28 +43,28 @@ class CartesianCoordinates(nn.Module):
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         self.n_atoms = n_atoms
-        self.scale = float(scale)
+        # a buffer, so that a scale fitted to data travels with the model's checkpoints
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
 
     @property
     def dim(self) -> int:
         """Degrees of freedom after centring: 3(N − 1)."""
         return 3 * (self.n_atoms - 1)
 
-    def _log_scale(self, x: Tensor) -> Tensor:
-        return x.new_full((x.shape[0],), self.dim * math.log(self.scale))
+    def log_scale(self, x: Tensor) -> Tensor:
+        """3(N − 1)·log(scale) ``(B,)`` for the frames of x: log|det| of y → x on the centred subspace."""
+        return (self.dim * torch.log(self.scale)).to(x.dtype).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
             raise ValueError(f"expected positions of shape (batch, {self.n_atoms}, 3), got {tuple(x.shape)}")
-        y = (x - x.mean(dim=1, keepdim=True)) / self.scale
-        return y, -self._log_scale(x)
+        return centred(x) / self.scale, -self.log_scale(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = (y - y.mean(dim=1, keepdim=True)) * self.scale
-        return x, self._log_scale(y)
+        return centred(y) * self.scale, self.log_scale(y)
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Centre each frame and rotate it by an independent uniform random rotation."""
-        x = x - x.mean(dim=1, keepdim=True)
+        x = centred(x)
         r = random_rotations(x.shape[0], x.dtype, x.device, generator)
         return x @ r.transpose(-1, -2)

@@ -47,6 +47,11 @@ def centre_of_mass(x: Tensor) -> Tensor:
     return x.mean(dim=1)
 
 
+def centred(x: Tensor) -> Tensor:
+    """Frames ``(B, N, 3)`` moved so that their centroid is at the origin."""
+    return x - centre_of_mass(x)[:, None]
+
+
 def com_log_density(x: Tensor, sigma: float, kind: str = "gaussian") -> Tensor:
     """log h(c) ``(B,)`` of the CoM c of frames x ``(B, N, 3)`` (see module docstring).
 

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from bg.coordinates import COM_CORRECTIONS, add_com_noise, centre_of_mass, com_log_density, random_rotations
+from bg.coordinates import COM_CORRECTIONS, CartesianCoordinates, add_com_noise, centred, com_log_density
 from bg.flows import TarFlow
 from bg.models.base import BoltzmannGenerator
 from bg.sampling import Sampler
@@ -97,6 +97,7 @@ class TarFlowGenerator(BoltzmannGenerator):
         self.tokens, self.fixed_scale, self.rotations = tokens, scale, rotations
         self.com_sigma_arg, self.com_correction, self.kl_batch_size = com_sigma, com_correction, kl_batch_size
         self.flow: TarFlow | None = None
+        self.representation: CartesianCoordinates | None = None
         self.n_atoms = 0
 
     # ------------------------------------------------------------------ building
@@ -106,51 +107,57 @@ class TarFlowGenerator(BoltzmannGenerator):
         if self.fixed_scale is not None:
             scale = self.fixed_scale
         elif train_positions is not None:
-            x = train_positions.double()
-            scale = float((x - x.mean(1, keepdim=True)).square().mean().sqrt())
+            scale = float(centred(train_positions.double()).square().mean().sqrt())
         else:
             scale = 1.0  # restored from a checkpoint: the buffer is overwritten by the state dict
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64, device=self.device))
+        self.representation = CartesianCoordinates(n, scale).to(self.device)
         t, d = (n, 3) if self.tokens == "atom" else (3 * n, 1)
         self.flow = TarFlow(n_tokens=t, token_dim=d, **self.flow_kwargs).to(self.device)
 
     @property
+    def scale(self) -> Tensor:
+        """nm per flow unit (float64 scalar)."""
+        return self.representation.scale
+
+    @property
     def com_sigma(self) -> float:
         return self.com_sigma_arg if self.com_sigma_arg is not None else 1.0 / math.sqrt(self.n_atoms)
+
+    @property
+    def _token_shape(self) -> tuple[int, int]:
+        return (self.n_atoms, 3) if self.tokens == "atom" else (3 * self.n_atoms, 1)
 
     def _flow_log_prob(self, x: Tensor) -> Tensor:
         """log q_flow ``(B,)`` of flow-unit frames ``(B, N, 3)`` over all 3N numbers."""
         p = next(self.flow.parameters())
         return self.flow.log_prob(x.to(p.dtype).reshape(len(x), *self._token_shape)).double()
 
-    @property
-    def _token_shape(self) -> tuple[int, int]:
-        return (self.n_atoms, 3) if self.tokens == "atom" else (3 * self.n_atoms, 1)
+    def flow_samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` reparameterised flow samples ``(n, N, 3)`` in flow units with their CoM (float64) and
+        log q_flow ``(n,)`` over all 3N numbers."""
+        xf, log_q_flow = self.flow.sample(n)
+        return xf.reshape(n, self.n_atoms, 3).double(), log_q_flow.double()
 
-    def _shape_log_det(self) -> Tensor:
-        """log-det of nm → flow units on the centred subspace: −3(N−1)·log(scale)."""
-        return -3 * (self.n_atoms - 1) * torch.log(self.scale)
+    def cartesian_log_q(self, xf: Tensor, log_q_flow: Tensor, correction: str | None = None) -> Tensor:
+        """log q ``(B,)`` of the centred frames of flow samples ``xf`` in nm: log q_flow − log h(CoM)
+        − 3(N−1)·log(scale), with ``correction`` (default ``com_correction``) choosing h."""
+        h = com_log_density(xf, self.com_sigma, correction or self.com_correction)
+        return log_q_flow - h - self.representation.log_scale(xf)
 
     # ------------------------------------------------------------------ generator API
     def sample_with_grad(self, n: int) -> tuple[Tensor, Tensor]:
-        xf, log_q_flow = self.flow.sample(n)
-        xf = xf.reshape(n, self.n_atoms, 3).double()
-        frames = (xf - centre_of_mass(xf)[:, None]) * self.scale
-        log_q = log_q_flow.double() - com_log_density(xf, self.com_sigma, self.com_correction) + self._shape_log_det()
-        return frames, log_q
+        xf, log_q_flow = self.flow_samples(n)
+        return self.representation.inverse(xf)[0], self.cartesian_log_q(xf, log_q_flow)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        y = (x.double() - centre_of_mass(x.double())[:, None]) / self.scale
-        return self._flow_log_prob(y) - com_log_density(y, self.com_sigma, "gaussian") + self._shape_log_det()
+        y, _ = self.representation(x.double())
+        return self.cartesian_log_q(y, self._flow_log_prob(y), "gaussian")
 
     def draw_particles(self, n: int) -> Tensor:
         """Flow samples ``(n, N, 3)`` in nm with their CoM (SMC runs on all 3N coordinates)."""
-        xs = []
         with torch.no_grad():
-            for i in range(0, n, self.sample_batch_size):
-                m = min(self.sample_batch_size, n - i)
-                xs.append(self.flow.sample(m)[0].reshape(m, self.n_atoms, 3).double() * self.scale)
-        return torch.cat(xs)
+            return torch.cat([self.flow_samples(min(self.sample_batch_size, n - i))[0] * self.scale
+                              for i in range(0, n, self.sample_batch_size)])
 
     def source_energy(self, s: Tensor) -> Tensor:
         """−log q of particles ``(B, N, 3)`` nm over all 3N coordinates (up to a constant)."""
@@ -158,31 +165,27 @@ class TarFlowGenerator(BoltzmannGenerator):
 
     def sampler_target_energy(self, s: Tensor) -> Tensor:
         """u(centred s) − log h(CoM) in kT: the extended target whose shape marginal is Boltzmann."""
-        return self.energy(s - centre_of_mass(s)[:, None]) - com_log_density(s / self.scale, self.com_sigma,
-                                                                              self.com_correction)
+        return self.energy(centred(s)) - com_log_density(s / self.scale, self.com_sigma, self.com_correction)
 
     def particles_to_frames(self, s: Tensor) -> Tensor:
-        return s - centre_of_mass(s)[:, None]
+        return centred(s)
 
     # ------------------------------------------------------------------ loss terms
     def augment(self, x: Tensor) -> Tensor:
         """Training frames ``(B, N, 3)`` nm → flow units: centred, randomly rotated, scaled, CoM noise."""
         x = x.double()
-        x = x - centre_of_mass(x)[:, None]
         if self.rotations:
-            x = x @ random_rotations(len(x), x.dtype, x.device).transpose(-1, -2)
-        return add_com_noise(x / self.scale, self.com_sigma)
+            x = self.representation.augment(x)
+        return add_com_noise(self.representation(x)[0], self.com_sigma)
 
     def term_nll(self, x: Tensor) -> Tensor:
         xf = self.augment(x)
-        log_q = self._flow_log_prob(xf) - com_log_density(xf, self.com_sigma, "gaussian") + self._shape_log_det()
-        return -log_q.mean()
+        return -self.cartesian_log_q(xf, self._flow_log_prob(xf), "gaussian").mean()
 
     def term_kl(self, x: Tensor) -> Tensor:
-        xf, log_q_flow = self.flow.sample(self.kl_batch_size)
-        xf = xf.reshape(len(xf), self.n_atoms, 3).double()
-        u = self.training_energy((xf - centre_of_mass(xf)[:, None]) * self.scale)
-        value = u - com_log_density(xf, self.com_sigma, self.com_correction) + log_q_flow.double()
+        xf, log_q_flow = self.flow_samples(self.kl_batch_size)
+        u = self.training_energy(self.representation.inverse(xf)[0])
+        value = u - com_log_density(xf, self.com_sigma, self.com_correction) + log_q_flow
         ok = torch.isfinite(value)
         if self._trainer is not None:
             self.log("train/kl_nonfinite", (~ok).sum().float(), on_step=True, on_epoch=False, batch_size=len(u))
