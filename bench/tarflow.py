@@ -23,36 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bg  # noqa: E402
-from bg.analysis import BASINS, backbone_pairs, basin_populations, phi_psi_atoms, torsions  # noqa: E402
+from bench.md_reference import compare, load_reference  # noqa: E402
+from bg.analysis import BASINS, basin_populations, torsions  # noqa: E402
 from bg.coordinates import COM_CORRECTIONS  # noqa: E402
-from bg.metrics import circular_w2_1d, kish_ess, pairwise_distances, w2_1d  # noqa: E402
+from bg.metrics import circular_w2_1d, kish_ess  # noqa: E402
 from bg.sampling import SMCSampler  # noqa: E402
-from datamodules import MDDataModule  # noqa: E402
-
-
-def compare(model, x: torch.Tensor, u: torch.Tensor, log_w: torch.Tensor | None, ref: dict) -> dict:
-    """Energy W2, torsion W2, ΔD and basins of (weighted) samples against the reference set."""
-    w = None
-    if log_w is not None:
-        lw = torch.where(torch.isfinite(log_w) & torch.isfinite(u), log_w, torch.full_like(log_w, -torch.inf))
-        w = torch.softmax(lw, 0)
-    ok = torch.isfinite(u)
-    cap = float(ref["u"].max()) + 20.0
-    uc = torch.clamp(torch.where(ok, u, torch.full_like(u, cap)), max=cap)
-    a = torch.cat([torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])], 1)
-    d = pairwise_distances(x, ref["pairs"])
-    mean_d = (d * w[:, None]).sum(0) if w is not None else d.mean(0)
-    return dict(energy_w2=float(w2_1d(uc[:, None], ref["u"][:, None], w)[0]),
-                torsion_w2=float(circular_w2_1d(a, ref["angles"], w).mean()),
-                torsion_w2_val=float(circular_w2_1d(a, ref["angles_val"], w).mean()),
-                dd=float((mean_d - ref["d_mean"]).abs().mean()),
-                basins=basin_populations(a[:, 0], a[:, 1], log_w))
 
 
 def main() -> None:
@@ -73,20 +53,10 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(args.seed)
 
-    data = yaml.safe_load((ROOT / args.data_config).read_text())["data"]["init_args"]
-    dm = MDDataModule(**data)
-    dm.prepare_data()
-    dm.setup()
     model = bg.load_generator(args.checkpoint)
-    top = model.topology
-    test, val = dm.positions["test"].double(), dm.positions["val"].double()
-    phi_q, psi_q = phi_psi_atoms(top)
-    pairs = backbone_pairs(top)
-    with torch.no_grad():
-        u_test = torch.cat([model.energy(c) for c in test.split(2000)])
-    ref = dict(u=u_test, phi_q=phi_q, psi_q=psi_q, pairs=pairs, d_mean=pairwise_distances(test, pairs).mean(0),
-               angles=torch.cat([torsions(test, phi_q), torsions(test, psi_q)], 1),
-               angles_val=torch.cat([torsions(val, phi_q), torsions(val, psi_q)], 1))
+    dm, ref = load_reference(args.data_config, model)
+    val = dm.positions["val"].double()
+    phi_q, psi_q = ref["phi_q"], ref["psi_q"]
 
     # proposal samples with log q, timed; the flow samples are kept to compare CoM corrections
     t0 = time.time()
@@ -101,12 +71,12 @@ def main() -> None:
     ess_by_com = {kind: float(kish_ess(-u - model.cartesian_log_q(xf, lqf, kind))) for kind in COM_CORRECTIONS}
     log_q = model.cartesian_log_q(xf, lqf)
     log_w = -u - log_q
-    rows = {"proposal (raw)": compare(model, x, u, None, ref),
-            "importance-reweighted": compare(model, x, u, log_w, ref)}
+    rows = {"proposal (raw)": compare(x, u, None, ref),
+            "importance-reweighted": compare(x, u, log_w, ref)}
     angles_val = torch.cat([torsions(val, phi_q), torsions(val, psi_q)], 1)
     with torch.no_grad():
         u_val = torch.cat([model.energy(c) for c in val.split(2000)])
-    rows["MD val (floor)"] = compare(model, val, u_val, None, ref)
+    rows["MD val (floor)"] = compare(val, u_val, None, ref)
     rows["MD val (floor)"]["torsion_w2"] = float(circular_w2_1d(angles_val, ref["angles"]).mean())
 
     smc_stats = {}
@@ -120,7 +90,7 @@ def main() -> None:
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
                                 resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
                                 ancestors=out["n_ancestors"])
-        rows[label] = compare(model, out["x"], out["energy_kT"], out["log_w"], ref)
+        rows[label] = compare(out["x"], out["energy_kT"], out["log_w"], ref)
 
     ess = float(kish_ess(log_w))
     lines = [f"Machine: {platform.node()} ({os.cpu_count()} CPU cores, no GPU), torch {torch.__version__}.", "",

@@ -24,8 +24,11 @@ def _logsumexp_reduce(t: Tensor) -> Tensor:
 
 
 def kish_ess(log_w: Tensor) -> Tensor:
-    """Kish effective sample size divided by n, from log weights ``(n,)``; non-finite → weight 0."""
+    """Kish effective sample size divided by n, from log weights ``(n,)``; non-finite → weight 0 (all
+    zero → 0)."""
     log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    if not torch.isfinite(log_w).any():
+        return log_w.new_zeros(())
     return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)) / len(log_w)
 
 

@@ -15,6 +15,9 @@ and logs the same values (``chunks``, ``draw``):
 - ``val/torsion_w2`` and ``val/torsion_w2_reweighted``: periodic 1-D 2-Wasserstein distance (rad)
   between generated (raw / importance-reweighted) and reference φ and ψ, averaged over residues;
 - ``val/finite_fraction`` and ``val/low_energy_fraction`` (energy ≤ the highest reference energy);
+- for families that check their samples (``EquivariantCNF``): ``val/wrong_chirality_rate`` (before
+  mirroring), ``val/broken_topology_rate`` and ``val/valid_fraction`` (not dropped; dropped samples
+  count as weight zero in ``val/ess``);
 - for a single-residue peptide (alanine dipeptide), ``val/basin_<name>`` and
   ``val/basin_<name>_reweighted`` populations of the φ/ψ basins (``bg.analysis.BASINS``);
 - with ``smc`` set (a ``bg.sampling.SMCSampler``), the same comparison for SMC samples, side by side
@@ -147,6 +150,13 @@ class SampleEvaluation(Callback):
         metrics["torsion_w2_reweighted"].update(angles, log_w)
         metrics["finite_fraction"].update(finite.double())
         metrics["low_energy_fraction"].update((finite & (u <= ref["energy"].max())).double())
+        # Families that check their samples (EquivariantCNF: chirality, bond graph) report the rates; the
+        # ESS above already counts the dropped samples as weight zero.
+        for flag, name in (("wrong_chirality", "wrong_chirality_rate"), ("broken_topology", "broken_topology_rate"),
+                           ("valid", "valid_fraction")):
+            if flag in out:
+                metrics[name] = MeanMetric().to(dev)
+                metrics[name].update(out[flag].to(dev).double())
         if phi.shape[1] == 1:
             basins = basin_index(phi[:, 0], psi[:, 0])
             for k, name in enumerate(BASINS):
@@ -198,6 +208,13 @@ class SampleEvaluation(Callback):
                                                   dtype=torch.float64))
         new["smc_rejection_rate"].update(torch.tensor(out["rejection_rate"], dtype=torch.float64))
         new["smc_ancestor_fraction"].update(torch.tensor(out["n_ancestors"] / n, dtype=torch.float64))
+        # Families that check their samples (EquivariantCNF: chirality, bond graph) report the rates; the
+        # ESS above already counts the dropped samples as weight zero.
+        for flag, name in (("wrong_chirality", "wrong_chirality_rate"), ("broken_topology", "broken_topology_rate"),
+                           ("valid", "valid_fraction")):
+            if flag in out:
+                metrics[name] = MeanMetric().to(dev)
+                metrics[name].update(out[flag].to(dev).double())
         if phi.shape[1] == 1:
             basins = basin_index(phi[:, 0], psi[:, 0])
             for k, name in enumerate(BASINS):

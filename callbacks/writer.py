@@ -3,7 +3,9 @@
 Files in ``output_dir``: ``topology.pdb``, ``samples.<format>`` (any format mdtraj writes by
 extension: dcd, xtc, pdb, ...) and ``samples.npz`` with one entry per frame: ``energy_kT`` (reduced
 energy u), ``log_w`` (log weights: −u − log_q for proposal samples, the final SMC weights for SMC
-particles) and, for proposal samples, ``log_q`` (Cartesian log density). With a sampler
+particles) and, for proposal samples, ``log_q`` (Cartesian log density); families that check their
+samples (``EquivariantCNF``) add boolean ``wrong_chirality``, ``mirrored``, ``broken_topology`` and
+``valid`` (dropped samples have log_w = −inf). With a sampler
 (``model.sampler``), ``samples.json`` holds its statistics: the sampler's name, ``ess`` (ESS/n),
 ``log_z`` and, for SMC, the ESS history, resampling times, acceptance, energy-cut rejection rate and
 ``n_ancestors`` (distinct proposals the final particles descend from).
@@ -58,7 +60,8 @@ class SampleWriter(BasePredictionWriter):
         traj_path = self.output_dir / f"samples{suffix}.{self.format}"
         traj.save(str(traj_path))
         npz_path = self.output_dir / f"samples{suffix}.npz"
-        np.savez(npz_path, **{k: v.double().numpy() for k, v in out.items() if k != "x"})
+        np.savez(npz_path, **{k: v.double().numpy() if v.is_floating_point() else v.numpy()
+                              for k, v in out.items() if k != "x"})
         self.written = [top_path, traj_path, npz_path]
         if stats:
             json_path = self.output_dir / f"samples{suffix}.json"
@@ -68,4 +71,8 @@ class SampleWriter(BasePredictionWriter):
         what = f"{stats['sampler']} " if "sampler" in stats else ""
         print(f"wrote {len(traj)} {what}samples to {traj_path} (+ {', '.join(p.name for p in self.written if p != traj_path)}); "
               f"ESS/n = {ess:.3f} on this rank")
+        if "valid" in out:
+            print(f"sample checks: wrong chirality {out['wrong_chirality'].double().mean():.3f}, broken bond graph "
+                  f"{out['broken_topology'].double().mean():.3f}, kept {out['valid'].double().mean():.3f} "
+                  "(dropped samples have log_w = -inf)")
 

@@ -26,6 +26,8 @@ def test_kish_ess_formula_and_failures():
     # A NaN energy is a sample of weight zero: it lowers the ESS instead of vanishing.
     with_nan = torch.cat([torch.log(w), torch.tensor([math.nan])])
     torch.testing.assert_close(kish_ess(with_nan), expected * 4 / 5)
+    # every sample dropped (weight zero): ESS 0, not NaN
+    assert float(kish_ess(torch.full((3,), -math.inf, dtype=torch.float64))) == 0.0
 
 
 def _assignment_w2(a, b, periodic=False):

@@ -1,12 +1,14 @@
-"""Normalizing flows in plain torch (no Lightning): splines, conditioners, couplings, NSFs, TarFlow."""
+"""Normalizing flows in plain torch (no Lightning): splines, conditioners, couplings, NSFs, TarFlow, EGNN CNF."""
 
+from bg.flows.cnf import ContinuousFlow, ODESolver
 from bg.flows.conditioners import GAUConditioner, GatedAttentionUnit, MLPConditioner
 from bg.flows.coupling import SplineCoupling, SplitChannelFlow
 from bg.flows.distributions import CoordinateBase
+from bg.flows.egnn import EGNN, EGNNLayer
 from bg.flows.nsf import InternalFlow, neural_spline_flow
 from bg.flows.splines import circular_rq_spline, out_of_bounds, rq_spline
 from bg.flows.tarflow import TarFlow, TarFlowBlock
 
-__all__ = ["CoordinateBase", "GAUConditioner", "GatedAttentionUnit", "InternalFlow", "MLPConditioner",
+__all__ = ["ContinuousFlow", "CoordinateBase", "EGNN", "EGNNLayer", "ODESolver", "GAUConditioner", "GatedAttentionUnit", "InternalFlow", "MLPConditioner",
            "SplineCoupling", "SplitChannelFlow", "TarFlow", "TarFlowBlock", "circular_rq_spline", "neural_spline_flow", "out_of_bounds",
            "rq_spline"]

@@ -1,7 +1,8 @@
 """Generator families as LightningModules over a shared base (``BoltzmannGenerator``)."""
 
 from bg.models.base import BoltzmannGenerator
+from bg.models.cnf import EquivariantCNF
 from bg.models.nsf import SplitChannelNSF
 from bg.models.tarflow import TarFlowGenerator
 
-__all__ = ["BoltzmannGenerator", "SplitChannelNSF", "TarFlowGenerator"]
+__all__ = ["BoltzmannGenerator", "EquivariantCNF", "SplitChannelNSF", "TarFlowGenerator"]

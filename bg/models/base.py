@@ -243,7 +243,10 @@ class BoltzmannGenerator(L.LightningModule):
         bs = self.sample_batch_size
         if isinstance(sampler, ImportanceSampler):
             out = self.sample_weighted(n)
-            res = sampler(-out["log_q"].double(), out["energy_kT"])
+            e0 = -out["log_q"].double()
+            if "valid" in out:  # samples a family's checks dropped (chirality, topology) weigh zero
+                e0 = e0.masked_fill(~out["valid"].to(e0.device), -math.inf)
+            res = sampler(e0, out["energy_kT"])
             return dict(out, log_w=res.log_w, sampler=sampler.name, ess=res.ess, log_z=res.log_z,
                         n_clipped=res.n_clipped, n_rejected=res.n_rejected)
         if not isinstance(sampler, SMCSampler):

@@ -1,0 +1,53 @@
+"""Held-out MD as the reference of the sample-quality benches (bench/tarflow.py, bench/cnf.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from bg.analysis import backbone_pairs, basin_populations, phi_psi_atoms, torsions
+from bg.metrics import circular_w2_1d, pairwise_distances, w2_1d
+from datamodules import MDDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_reference(data_config: str, model) -> tuple[MDDataModule, dict]:
+    """The DataModule of ``data_config``'s ``data:`` section and the reference built from its test split
+    (energies under ``model``'s target, φ/ψ atoms and angles, backbone distances) plus the val split's
+    angles (``angles_val``), the other held-out block."""
+    data = yaml.safe_load((ROOT / data_config).read_text())["data"]["init_args"]
+    dm = MDDataModule(**data)
+    dm.prepare_data()
+    dm.setup()
+    top = model.topology
+    test, val = dm.positions["test"].double(), dm.positions["val"].double()
+    phi_q, psi_q = phi_psi_atoms(top)
+    pairs = backbone_pairs(top)
+    with torch.no_grad():
+        u_test = torch.cat([model.energy(c) for c in test.split(2000)])
+    ref = dict(u=u_test, phi_q=phi_q, psi_q=psi_q, pairs=pairs, d_mean=pairwise_distances(test, pairs).mean(0),
+               angles=torch.cat([torsions(test, phi_q), torsions(test, psi_q)], 1),
+               angles_val=torch.cat([torsions(val, phi_q), torsions(val, psi_q)], 1))
+    return dm, ref
+
+
+def compare(x: torch.Tensor, u: torch.Tensor, log_w: torch.Tensor | None, ref: dict) -> dict:
+    """Energy W2 (kT; energies capped at max(reference) + 20 kT), φ/ψ torsion W2 (rad, periodic, mean of φ
+    and ψ) against the test and val blocks, ΔD (nm) and basin populations of (weighted) samples."""
+    w = None
+    if log_w is not None:
+        lw = torch.where(torch.isfinite(log_w) & torch.isfinite(u), log_w, torch.full_like(log_w, -torch.inf))
+        w = torch.softmax(lw, 0)
+    cap = float(ref["u"].max()) + 20.0
+    uc = torch.clamp(torch.where(torch.isfinite(u), u, torch.full_like(u, cap)), max=cap)
+    a = torch.cat([torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])], 1)
+    d = pairwise_distances(x, ref["pairs"])
+    mean_d = (d * w[:, None]).sum(0) if w is not None else d.mean(0)
+    return dict(energy_w2=float(w2_1d(uc[:, None], ref["u"][:, None], w)[0]),
+                torsion_w2=float(circular_w2_1d(a, ref["angles"], w).mean()),
+                torsion_w2_val=float(circular_w2_1d(a, ref["angles_val"], w).mean()),
+                dd=float((mean_d - ref["d_mean"]).abs().mean()),
+                basins=basin_populations(a[:, 0], a[:, 1], log_w))

@@ -1,0 +1,111 @@
+"""E(n)-equivariant graph network (Satorras, Hoogeboom & Welling 2021) as the time-dependent vector
+field of a continuous normalizing flow (equivariant flow matching, Klein, Krämer & Noé 2023; TBG,
+Klein & Noé 2024).
+
+The graph is fully connected over the N atoms. Node features start from embedded atom tokens
+(``bg.systems.encodings``) and the time t; every layer forms messages from invariants only
+
+    m_ij = φ_e(A h_i + A h_j, |x_i − x_j|², |x⁰_i − x⁰_j|²)   (x⁰: the input positions; m_ij = m_ji)
+    m_ij ← m_ij · sigmoid(a(m_ij))                           (edge gate, "attention")
+    x_i ← x_i + Σ_j (x_i − x_j)/(|x_i − x_j| + 1) · φ_x(m_ij) / (N − 1)
+    h_i ← h_i + φ_h(h_i, Σ_j m_ij / (N − 1))
+
+and the velocity is x_L − x⁰ with its mean over atoms removed. Because only differences of positions
+enter, each multiplied by an invariant, the field is equivariant to rotations and reflections,
+invariant to translations, and equivariant to permutations of atoms with identical tokens — by
+construction, not by training.
+
+Symmetric messages halve the work (each unordered pair once) and make Σ_i v_i = 0 exact; the first
+linear map of φ_e is applied per node and gathered per pair (N·H² instead of P·2H² multiply-adds).
+``coord_hidden=False`` drops the hidden layer of φ_x (cheaper, notably for the exact divergence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class EGNNLayer(nn.Module):
+    """One EGNN layer over the P = N(N−1)/2 unordered atom pairs (i < j).
+
+    Messages are symmetric (m_ij = m_ji: the first linear map is shared between h_i and h_j), so each
+    pair is computed once and the coordinate updates of i and j are equal and opposite, which keeps
+    the mean of the positions fixed exactly.
+    """
+
+    def __init__(self, hidden: int, coord_hidden: bool = True):
+        super().__init__()
+        self.edge_h = nn.Linear(hidden, hidden)
+        self.edge_d = nn.Linear(2, hidden, bias=False)
+        self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.gate = nn.Linear(hidden, 1)
+        self.coord = (nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if coord_hidden
+                      else nn.Sequential(nn.Linear(hidden, 1)))
+        self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        # A small last coordinate layer keeps an untrained field small and smooth.
+        nn.init.normal_(self.coord[-1].weight, std=1e-3)
+        nn.init.zeros_(self.coord[-1].bias)
+
+    def forward(self, h: Tensor, x: Tensor, d0: Tensor, i: Tensor, j: Tensor) -> tuple[Tensor, Tensor]:
+        """h ``(B, N, H)``, x ``(B, N, 3)``, d0 ``(B, P, 1)`` squared input distances, pair indices i, j ``(P,)``."""
+        n = x.shape[-2]
+        diff = x[:, i] - x[:, j]  # (B, P, 3)
+        d2 = diff.square().sum(-1, keepdim=True)
+        a = self.edge_h(h)
+        m = self.edge_out(a[:, i] + a[:, j] + self.edge_d(torch.cat([d2, d0], -1)))
+        m = m * torch.sigmoid(self.gate(m))
+        # +1 keeps the normalised direction smooth where atoms come close
+        push = diff / (torch.sqrt(d2 + 1e-12) + 1.0) * self.coord(m) / (n - 1)
+        x = x.index_add(1, i, push).index_add(1, j, -push)
+        agg = torch.zeros_like(h).index_add(1, i, m).index_add(1, j, m) / (n - 1)
+        h = h + self.node(torch.cat([h, agg], -1))
+        return h, x
+
+
+class EGNN(nn.Module):
+    """Equivariant vector field v(t, x) over the atoms of one molecule.
+
+    Args:
+        tokens: atom tokens ``(N, C)`` (``bg.systems.encodings.atom_tokens``).
+        vocab_sizes: vocabulary size of each token column.
+        hidden: node and edge feature width H.
+        layers: number of EGNN layers.
+
+    ``forward(t, x)``: t scalar or ``(B,)`` in [0, 1], x ``(B, N, 3)`` (flow units) → v ``(B, N, 3)``
+    with zero mean over atoms.
+    """
+
+    def __init__(self, tokens: Tensor, vocab_sizes: Sequence[int], hidden: int = 64, layers: int = 5,
+                 coord_hidden: bool = True):
+        super().__init__()
+        if tokens.ndim != 2 or tokens.shape[1] != len(vocab_sizes):
+            raise ValueError(f"tokens must be (N, {len(vocab_sizes)}), got {tuple(tokens.shape)}")
+        if len(tokens) < 2:
+            raise ValueError("an EGNN needs at least 2 atoms")
+        self.register_buffer("tokens", tokens.long().clone(), persistent=False)
+        self.embed = nn.ModuleList(nn.Embedding(v, hidden) for v in vocab_sizes)
+        self.time = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList(EGNNLayer(hidden, coord_hidden) for _ in range(layers))
+        i, j = torch.triu_indices(len(tokens), len(tokens), 1)
+        self.register_buffer("pair_i", i, persistent=False)
+        self.register_buffer("pair_j", j, persistent=False)
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.tokens)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(b, 1)
+        h = sum(e(self.tokens[:, k]) for k, e in enumerate(self.embed)).to(x.dtype)
+        h = h.unsqueeze(0) + self.time(t).unsqueeze(1)  # (B, N, H)
+        i, j = self.pair_i, self.pair_j
+        d0 = (x[:, i] - x[:, j]).square().sum(-1, keepdim=True)
+        y = x
+        for layer in self.layers:
+            h, y = layer(h, y, d0, i, j)
+        v = y - x
+        return v - v.mean(-2, keepdim=True)
