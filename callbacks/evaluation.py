@@ -208,13 +208,6 @@ class SampleEvaluation(Callback):
                                                   dtype=torch.float64))
         new["smc_rejection_rate"].update(torch.tensor(out["rejection_rate"], dtype=torch.float64))
         new["smc_ancestor_fraction"].update(torch.tensor(out["n_ancestors"] / n, dtype=torch.float64))
-        # Families that check their samples (EquivariantCNF: chirality, bond graph) report the rates; the
-        # ESS above already counts the dropped samples as weight zero.
-        for flag, name in (("wrong_chirality", "wrong_chirality_rate"), ("broken_topology", "broken_topology_rate"),
-                           ("valid", "valid_fraction")):
-            if flag in out:
-                metrics[name] = MeanMetric().to(dev)
-                metrics[name].update(out[flag].to(dev).double())
         if phi.shape[1] == 1:
             basins = basin_index(phi[:, 0], psi[:, 0])
             for k, name in enumerate(BASINS):

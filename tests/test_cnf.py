@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bg.flows import EGNN, ContinuousFlow, ODESolver
-from bg.flows.cnf import exact_divergence, hutchinson_divergence, mean_free
+from bg.coordinates import centred
+from bg.flows.cnf import exact_divergence, hutchinson_divergence
 from bg.flows.pairing import align, equivariant_ot_pairs, kabsch_rotations
 from bg.systems import build_capped_peptide
 from bg.systems.encodings import ENCODING_VOCAB, atom_tokens, identical_atom_groups
@@ -107,7 +108,7 @@ def test_integrated_divergence_matches_a_brute_force_change_of_variables(method)
 
 
 def test_kabsch_recovers_a_rotation_and_ot_pairs_are_rotated_relabelled_data(aldp_system, aldp_frames):
-    x = mean_free(torch.as_tensor(aldp_frames[:8]))
+    x = centred(torch.as_tensor(aldp_frames[:8]))
     q = orthogonal(5)
     r = kabsch_rotations(x @ q.T, x)
     torch.testing.assert_close((x @ q.T) @ r, x, atol=1e-10, rtol=1e-8)
@@ -116,7 +117,7 @@ def test_kabsch_recovers_a_rotation_and_ot_pairs_are_rotated_relabelled_data(ald
     groups = identical_atom_groups(atom_tokens(aldp_system.topology, "full"))
     assert sorted(len(g) for g in groups) == [3, 3, 3]  # the three methyl groups
     torch.manual_seed(0)
-    x0 = mean_free(torch.randn(8, 22, 3, dtype=torch.float64)) * 0.16
+    x0 = centred(torch.randn(8, 22, 3, dtype=torch.float64)) * 0.16
     p0, p1 = equivariant_ot_pairs(x0, x, groups)
     assert torch.equal(p0, x0)
     # every paired frame is one data frame, rotated and with methyl hydrogens relabelled

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from bg.coordinates import centred
 from bg.flows.pairing import equivariant_ot_pairs
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -58,10 +59,6 @@ class ODESolver:
         if self.method in FIXED_SOLVERS:
             return dict(method=self.method, options=dict(step_size=abs(span) / self.steps))
         return dict(method=self.method, rtol=self.rtol, atol=self.atol)
-
-
-def mean_free(x: Tensor) -> Tensor:
-    return x - x.mean(-2, keepdim=True)
 
 
 def exact_divergence(v: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
@@ -127,7 +124,7 @@ class ContinuousFlow(nn.Module):
     # ------------------------------------------------------------------ prior
     def prior_sample(self, n: int, dtype: torch.dtype = torch.float32, device=None,
                      generator: torch.Generator | None = None) -> Tensor:
-        return mean_free(torch.randn(n, self.n_atoms, 3, dtype=dtype, device=device, generator=generator))
+        return centred(torch.randn(n, self.n_atoms, 3, dtype=dtype, device=device, generator=generator))
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log p₀ ``(B,)`` of centred frames on the mean-free subspace."""
@@ -163,7 +160,7 @@ class ContinuousFlow(nn.Module):
 
     def log_prob(self, x: Tensor, divergence: str = "exact", solver: ODESolver | None = None) -> Tensor:
         """log q ``(B,)`` of frames ``(B, N, 3)`` (centred first), by solving back to t = 0."""
-        x0, div = self.integrate(mean_free(x), 1.0, 0.0, divergence, solver)
+        x0, div = self.integrate(centred(x), 1.0, 0.0, divergence, solver)
         # ∫₁⁰ div = −∫₀¹ div
         return self.prior_log_prob(x0) + div
 
@@ -174,13 +171,13 @@ class ContinuousFlow(nn.Module):
         data frames ``(B, N, 3)``; ``groups`` (identical atoms) and ``ot_chunk`` as in ``equivariant_ot_pairs``."""
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
-        x1 = mean_free(x1)
+        x1 = centred(x1)
         x0 = self.prior_sample(len(x1), x1.dtype, x1.device)
         if pairing == "ot":
             x0, x1 = equivariant_ot_pairs(x0, x1, groups or [], ot_chunk)
         t = torch.rand(len(x1), 1, 1, dtype=x1.dtype, device=x1.device)
         xt = (1 - t) * x0 + t * x1
         if sigma > 0:
-            xt = xt + sigma * mean_free(torch.randn_like(x1))
+            xt = xt + sigma * centred(torch.randn_like(x1))
         v = self.field(t.flatten(), xt)
         return (v - (x1 - x0)).square().sum((-1, -2)).mean() / self.dim

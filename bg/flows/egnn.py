@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bg.coordinates import centred
+
 
 class EGNNLayer(nn.Module):
     """One EGNN layer over the P = N(N−1)/2 unordered atom pairs (i < j).
@@ -107,5 +109,4 @@ class EGNN(nn.Module):
         y = x
         for layer in self.layers:
             h, y = layer(h, y, d0, i, j)
-        v = y - x
-        return v - v.mean(-2, keepdim=True)
+        return centred(y - x)

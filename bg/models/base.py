@@ -209,11 +209,21 @@ class BoltzmannGenerator(L.LightningModule):
 
     @torch.no_grad()
     def sample_weighted(self, n: int, batch_size: int | None = None) -> dict[str, Tensor]:
-        """Samples with their energies and log importance weights: ``x``, ``log_q``, ``energy_kT``, ``log_w``."""
+        """Samples with their energies and log importance weights: ``x``, ``log_q``, ``energy_kT``, ``log_w``,
+        plus the per-sample flags of ``check_samples`` (samples flagged not ``valid`` get log_w = −inf)."""
         x, log_q = self.sample(n, batch_size)
+        x, log_q, flags = self.check_samples(x, log_q)
         bs = batch_size or self.sample_batch_size
         u = torch.cat([self.energy(c) for c in x.split(bs)])
-        return dict(x=x, log_q=log_q, energy_kT=u, log_w=-u - log_q.double())
+        log_w = -u - log_q.double()
+        if "valid" in flags:
+            log_w = log_w.masked_fill(~flags["valid"], -math.inf)
+        return dict(x=x, log_q=log_q, energy_kT=u, log_w=log_w, **flags)
+
+    def check_samples(self, x: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Fix or flag generated frames ``(B, N, 3)`` before they are weighed: returns the frames, their
+        log q and per-sample boolean flags (a ``valid`` flag drops samples). Default: unchanged, no flags."""
+        return x, log_q, {}
 
     # ------------------------------------------------------------------ samplers (IS / SMC)
     # SMC moves particles in a space of the family's choosing; the default is Cartesian nm with

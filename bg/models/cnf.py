@@ -155,20 +155,14 @@ class EquivariantCNF(BoltzmannGenerator):
         y, _ = self.representation(x.double())
         return self.flow.log_prob(y.to(self._flow_dtype), divergence).double() - self.representation.log_scale(y)
 
-    @torch.no_grad()
-    def sample_weighted(self, n: int, batch_size: int | None = None) -> dict[str, Tensor]:
-        """Samples after the chirality/topology checks: ``x``, ``log_q``, ``energy_kT``, ``log_w`` (−inf for
-        dropped samples) and the per-sample flags ``wrong_chirality``, ``mirrored``, ``broken_topology``,
-        ``valid``."""
-        x, log_q = self.sample(n, batch_size)
+    def check_samples(self, x: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Chirality and bond-graph checks: mirrored frames replace inverted ones; flags ``wrong_chirality``,
+        ``mirrored``, ``broken_topology`` and ``valid`` (dropped samples get log_w = −inf)."""
         checked = self.checks.apply(x, self.chirality, self.drop_broken)
         x = checked.pop("x")
         if self.chirality == "mirror" and len(self.checks.centres):
             log_q = log_q + math.log(2.0)  # q(x) + q(mirror x) = 2q(x) on the folded (correct) half
-        bs = batch_size or self.sample_batch_size
-        u = torch.cat([self.energy(c) for c in x.split(bs)])
-        log_w = torch.where(checked["valid"], -u - log_q.double(), torch.full_like(u, -math.inf))
-        return dict(x=x, log_q=log_q, energy_kT=u, log_w=log_w, **checked)
+        return x, log_q, checked
 
     def run_sampler(self, n: int, sampler: Sampler | None = None, generator: torch.Generator | None = None,
                     progress: bool = False) -> dict:
