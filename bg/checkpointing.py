@@ -64,6 +64,24 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
                 hyper_parameters=dict(ckpt.get("hyper_parameters") or {}))
 
 
+#: version of bg's checkpoint layout: 1 (no ``bg_format`` entry) held the flow and the representation as
+#: ``flow.*`` / ``representation.*``; 2 holds them inside the Cartesian density (``density.*``)
+CHECKPOINT_FORMAT = 2
+
+
+def upgrade_state_dict(state_dict: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """A state dict with the key prefixes ``renames`` (old → new) replaced, in order; keys that already carry
+    a new prefix, or no old one, are kept as they are."""
+    new_prefixes = tuple(renames.values())
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(new_prefixes):
+            old = next((p for p in renames if key.startswith(p)), None)
+            key = renames[old] + key[len(old):] if old is not None else key
+        out[key] = value
+    return out
+
+
 #: model settings a resumed run may change; every other hyper-parameter must match to resume
 RESUME_MAY_CHANGE = frozenset({"lr", "weight_decay", "loss_weights", "energy_backend", "energy_compile",
                                "energy_workers", "energy_cut", "sample_batch_size", "predict_samples",

@@ -6,8 +6,8 @@ ranks before ``compute``), usable outside Lightning too.
 - :class:`Wasserstein1D`: 2-Wasserstein distance between generated and reference values, per
   column, optionally periodic (torsions) and optionally weighted (reweighted samples).
 
-Plain functions for the same quantities (``kish_ess``, ``w2_1d``, ``circular_w2_1d``,
-``pairwise_distances``) are shared with the models and the benchmarks.
+Plain functions for the same quantities (``kish_ess`` from ``bg.sampling.ess``, ``w2_1d``,
+``circular_w2_1d``, ``pairwise_distances``) are shared with the models and the benchmarks.
 """
 
 from __future__ import annotations
@@ -18,18 +18,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from bg.sampling.ess import ess_from_log_sums, kish_ess
+
+__all__ = ["DistanceDistortion", "EffectiveSampleSize", "Wasserstein1D", "WeightedFraction", "circular_w2_1d", "kish_ess",
+           "pairwise_distances", "w2_1d"]
+
 
 def _logsumexp_reduce(t: Tensor) -> Tensor:
     return torch.logsumexp(t, dim=0)
-
-
-def kish_ess(log_w: Tensor) -> Tensor:
-    """Kish effective sample size divided by n, from log weights ``(n,)``; non-finite → weight 0 (all
-    zero → 0)."""
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    if not torch.isfinite(log_w).any():
-        return log_w.new_zeros(())
-    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)) / len(log_w)
 
 
 class EffectiveSampleSize(Metric):
@@ -55,9 +51,7 @@ class EffectiveSampleSize(Metric):
         self.n += len(log_w)
 
     def compute(self) -> Tensor:
-        if self.n == 0 or not torch.isfinite(self.log_sum_w):
-            return torch.tensor(0.0, dtype=torch.float64)
-        return torch.exp(2 * self.log_sum_w - self.log_sum_w2) / self.n
+        return ess_from_log_sums(self.log_sum_w, self.log_sum_w2, self.n)
 
 
 def pairwise_distances(x: Tensor, pairs: Tensor) -> Tensor:

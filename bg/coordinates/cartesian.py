@@ -35,16 +35,24 @@ class CartesianCoordinates(nn.Module):
 
     Args:
         n_atoms: N.
-        scale: nm per unit of y (a global scale so flows see O(1) numbers).
+        scale: nm per unit of y (a global scale so flows see O(1) numbers); ``None``: 1 until
+            :meth:`fit` sets it to the RMS of the centred training coordinates.
     """
 
-    def __init__(self, n_atoms: int, scale: float = 1.0):
+    def __init__(self, n_atoms: int, scale: float | None = None):
         super().__init__()
-        if scale <= 0:
+        if scale is not None and scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
-        self.n_atoms = n_atoms
+        self.n_atoms, self.fixed_scale = n_atoms, scale is not None
         # a buffer, so that a scale fitted to data travels with the model's checkpoints
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+        self.register_buffer("scale", torch.tensor(float(scale or 1.0), dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> "CartesianCoordinates":
+        """Set the scale to the RMS of the centred coordinates of frames ``(F, N, 3)`` nm (unless it was given)."""
+        if not self.fixed_scale:
+            self.scale.fill_(float(centred(x.double()).square().mean().sqrt()))
+        return self
 
     @property
     def dim(self) -> int:

@@ -35,11 +35,13 @@ Units: ``c`` and ``sigma`` in the flow's units (nm / the global scale).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-COM_CORRECTIONS = ("gaussian", "chi3", "none")
+ComCorrection = Literal["gaussian", "chi3", "none"]
+COM_CORRECTIONS: tuple[str, ...] = get_args(ComCorrection)
 
 
 def centre_of_mass(x: Tensor) -> Tensor:
@@ -52,7 +54,7 @@ def centred(x: Tensor) -> Tensor:
     return x - centre_of_mass(x)[:, None]
 
 
-def com_log_density(x: Tensor, sigma: float, kind: str = "gaussian") -> Tensor:
+def com_log_density(x: Tensor, sigma: float, kind: ComCorrection = "gaussian") -> Tensor:
     """log h(c) ``(B,)`` of the CoM c of frames x ``(B, N, 3)`` (see module docstring).
 
     ``"gaussian"``: log N(√N·c; 0, N σ² I₃) (density of the orthonormal CoM coordinate).

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import openmm
-from torch import nn
+from torch import Tensor, nn
 
+from bg.choices import check_choices
 from bg.energy.openmm_energy import OpenMMEnergy
 from bg.energy.torch_energy import TorchEnergy, UnsupportedForceError
 from bg.systems.system import MolecularSystem
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "openmm")
+Backend = Literal["auto", "torch", "openmm"]
 
 
 def target_energy(
     system: MolecularSystem | openmm.System,
     temperature: float | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
     compile: bool = True,
     n_workers: int = 0,
     platform: str = "auto",
@@ -35,8 +37,7 @@ def target_energy(
         compile: ``torch.compile`` the torch force field (see ``TorchEnergy``).
         n_workers, platform: settings of ``OpenMMEnergy``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"energy backend must be one of {BACKENDS}, got {backend!r}")
+    check_choices(target_energy, dict(backend=backend), "energy ")
     if isinstance(system, MolecularSystem):
         temperature = system.temperature if temperature is None else temperature
         omm = system.create_openmm_system()
@@ -52,3 +53,32 @@ def target_energy(
                 raise
             log.info("torch force field unavailable (%s); using OpenMMEnergy", exc)
     return OpenMMEnergy(omm, temperature, n_workers=n_workers, platform=platform)
+
+
+class LazyTargetEnergy:
+    """u(x) of a system in kT, built by :func:`target_energy` on first use and moved to the device of the
+    positions it is given. Not an ``nn.Module``: a generator holding it keeps the force field's buffers
+    out of its checkpoints (the molecule travels there as a description, and the force field is rebuilt).
+
+    Args: as :func:`target_energy` (``n_workers`` for the OpenMM backend).
+    """
+
+    def __init__(self, system: MolecularSystem, backend: Backend = "auto", compile: bool = False, n_workers: int = 0):
+        self.system, self.backend, self.compile, self.n_workers = system, backend, compile, n_workers
+        self._module: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The energy module (built now if needed)."""
+        if self._module is None:
+            self._module = target_energy(self.system, backend=self.backend, compile=self.compile,
+                                         n_workers=self.n_workers)
+        return self._module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """u ``(B,)`` (float64, differentiable) of frames ``(B, N, 3)`` nm."""
+        module = self.module
+        buf = next(iter(module.buffers()), None)
+        if buf is not None and buf.device != x.device:
+            module.to(x.device)
+        return module(x.double())

@@ -25,18 +25,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from bg.choices import check_choices
 from bg.coordinates import centred
+from bg.flows.base import Flow
 from bg.flows.pairing import equivariant_ot_pairs
 
-DIVERGENCES = ("exact", "hutchinson")
-PAIRINGS = ("independent", "ot")
-ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
-FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+Divergence = Literal["exact", "hutchinson"]
+Pairing = Literal["independent", "ot"]
+AdaptiveMethod = Literal["dopri5", "dopri8", "bosh3", "adaptive_heun"]
+FixedMethod = Literal["euler", "midpoint", "rk4"]
+ODEMethod = Literal[AdaptiveMethod, FixedMethod]
 
 
 @dataclass
@@ -44,19 +48,18 @@ class ODESolver:
     """ODE integration settings: ``method`` (adaptive: dopri5, dopri8, bosh3, adaptive_heun; fixed-step:
     euler, midpoint, rk4), ``rtol``/``atol`` (adaptive), ``steps`` (fixed-step: steps over [0, 1])."""
 
-    method: str = "dopri5"
+    method: ODEMethod = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
     steps: int = 50
 
     def __post_init__(self) -> None:
-        if self.method not in ADAPTIVE_SOLVERS + FIXED_SOLVERS:
-            raise ValueError(f"ODE method must be one of {', '.join(ADAPTIVE_SOLVERS + FIXED_SOLVERS)}, got {self.method!r}")
+        check_choices(ODESolver, dict(method=self.method), "ODE ")
         if self.steps < 1 or self.rtol <= 0 or self.atol <= 0:
             raise ValueError(f"ODE solver: steps ≥ 1 and positive rtol/atol needed, got {self}")
 
     def kwargs(self, span: float) -> dict:
-        if self.method in FIXED_SOLVERS:
+        if self.method in get_args(FixedMethod):
             return dict(method=self.method, options=dict(step_size=abs(span) / self.steps))
         return dict(method=self.method, rtol=self.rtol, atol=self.atol)
 
@@ -101,14 +104,18 @@ class _Dynamics(nn.Module):
         return v.detach(), -div.detach()
 
 
-class ContinuousFlow(nn.Module):
+class ContinuousFlow(Flow):
     """CNF x₁ = x₀ + ∫₀¹ v(t, x) dt on mean-free frames ``(B, N, 3)`` (see module docstring).
 
     Args:
         field: the vector field module ``(t, x) → v``, mean-free and atom-wise independent across the batch.
         n_atoms: N.
         solver: ``ODESolver`` for sampling and densities.
+
+    Samples and densities come from ODE solves without gradients (``reparameterized = False``).
     """
+
+    reparameterized = False
 
     def __init__(self, field: nn.Module, n_atoms: int, solver: ODESolver | None = None):
         super().__init__()
@@ -131,12 +138,11 @@ class ContinuousFlow(nn.Module):
         return -0.5 * x.square().sum((-1, -2)) - 0.5 * self.dim * math.log(2 * math.pi)
 
     # ------------------------------------------------------------------ ODE
-    def integrate(self, x: Tensor, t0: float, t1: float, divergence: str | None = "exact",
+    def integrate(self, x: Tensor, t0: float, t1: float, divergence: Divergence | None = "exact",
                   solver: ODESolver | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Solve from t0 to t1: returns x(t1) ``(B, N, 3)`` and ∫_{t0}^{t1} div v dt ``(B,)`` (zeros when
         ``divergence`` is None). No gradients flow through the solve."""
-        if divergence is not None and divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)} or None, got {divergence!r}")
+        check_choices(ContinuousFlow.integrate, dict(divergence=divergence))
         solver = solver or self.solver
         eps = None
         if divergence == "hutchinson":
@@ -151,27 +157,27 @@ class ContinuousFlow(nn.Module):
         # the state integrates −div; ∫ div = −ℓ
         return xs[-1], -ls[-1]
 
-    def sample(self, n: int, dtype: torch.dtype = torch.float32, device=None, divergence: str | None = "exact",
+    def sample(self, n: int, context: Any = None, divergence: Divergence | None = "exact",
                solver: ODESolver | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``n`` samples ``(n, N, 3)`` and their log density ``(n,)`` on the mean-free subspace."""
-        x0 = self.prior_sample(n, dtype, device, generator)
+        """``n`` samples ``(n, N, 3)`` and their log density ``(n,)`` on the mean-free subspace (the flow's dtype)."""
+        x0 = self.prior_sample(n, self.dtype, self.device, generator)
         x1, div = self.integrate(x0, 0.0, 1.0, divergence, solver, generator)
         return x1, self.prior_log_prob(x0) - div
 
-    def log_prob(self, x: Tensor, divergence: str = "exact", solver: ODESolver | None = None) -> Tensor:
-        """log q ``(B,)`` of frames ``(B, N, 3)`` (centred first), by solving back to t = 0."""
-        x0, div = self.integrate(centred(x), 1.0, 0.0, divergence, solver)
+    def log_prob(self, x: Tensor, context: Any = None, divergence: Divergence = "exact",
+                 solver: ODESolver | None = None) -> Tensor:
+        """log q ``(B,)`` of frames ``(B, N, 3)`` (cast to the flow's dtype, centred), by solving back to t = 0."""
+        x0, div = self.integrate(centred(x.to(self.dtype)), 1.0, 0.0, divergence, solver)
         # ∫₁⁰ div = −∫₀¹ div
         return self.prior_log_prob(x0) + div
 
     # ------------------------------------------------------------------ training
-    def flow_matching_loss(self, x1: Tensor, sigma: float = 0.0, pairing: str = "independent",
+    def flow_matching_loss(self, x1: Tensor, sigma: float = 0.0, pairing: Pairing = "independent",
                            groups: list[Tensor] | None = None, ot_chunk: int | None = None) -> Tensor:
         """Mean squared error (per coordinate of the subspace) between v(t, x_t) and x₁ − x₀ over a batch of
         data frames ``(B, N, 3)``; ``groups`` (identical atoms) and ``ot_chunk`` as in ``equivariant_ot_pairs``."""
-        if pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
-        x1 = centred(x1)
+        check_choices(ContinuousFlow.flow_matching_loss, dict(pairing=pairing))
+        x1 = centred(x1.to(self.dtype))
         x0 = self.prior_sample(len(x1), x1.dtype, x1.device)
         if pairing == "ot":
             x0, x1 = equivariant_ot_pairs(x0, x1, groups or [], ot_chunk)

@@ -17,12 +17,15 @@ their value scaled to [−1, 1].
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from bg.choices import check_choices
 
-ABSOLUTE_EMBEDDINGS = ("sinusoidal", "learned", "none")
+
+AbsoluteEmbedding = Literal["sinusoidal", "learned", "none"]
 
 
 def coordinate_features(z: Tensor, mask: Tensor, circular: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -99,7 +102,7 @@ class GatedAttentionUnit(nn.Module):
         return x + self.out(u * (attn @ v))
 
 
-TOKENS = ("residue", "coordinate")
+GAUTokens = Literal["residue", "coordinate"]
 
 
 class GAUConditioner(nn.Module):
@@ -124,13 +127,10 @@ class GAUConditioner(nn.Module):
     """
 
     def __init__(self, kinds: Tensor, residues: Tensor, n_params: int, width: int = 64, depth: int = 2,
-                 n_kinds: int = 3, attention_dim: int = 32, absolute: str = "sinusoidal", rotary: bool = True,
-                 tokens: str = "residue"):
+                 n_kinds: int = 3, attention_dim: int = 32, absolute: AbsoluteEmbedding = "sinusoidal",
+                 rotary: bool = True, tokens: GAUTokens = "residue"):
         super().__init__()
-        if absolute not in ABSOLUTE_EMBEDDINGS:
-            raise ValueError(f"absolute positional embedding must be one of {ABSOLUTE_EMBEDDINGS}, got {absolute!r}")
-        if tokens not in TOKENS:
-            raise ValueError(f"GAU tokens must be one of {TOKENS}, got {tokens!r}")
+        check_choices(GAUConditioner.__init__, dict(absolute=absolute, tokens=tokens), "GAU ")
         kinds, residues = kinds.long(), residues.long()
         d = len(kinds)
         if tokens == "coordinate":

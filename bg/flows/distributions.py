@@ -18,12 +18,15 @@ Statistics are buffers set by :meth:`CoordinateBase.fit` and saved with the mode
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-BOUNDED_BASES = ("uniform", "truncated_normal")
-TORSION_BASES = ("uniform", "von_mises")
+from bg.choices import check_choices
+
+BoundedBase = Literal["uniform", "truncated_normal"]
+TorsionBase = Literal["uniform", "von_mises"]
 
 
 def _std_normal_cdf(x: Tensor) -> Tensor:
@@ -40,13 +43,10 @@ class CoordinateBase(nn.Module):
         max_concentration: upper clip of the von Mises concentration.
     """
 
-    def __init__(self, circular: Tensor, low: Tensor, high: Tensor, bounded: str = "truncated_normal",
-                 torsion: str = "uniform", max_concentration: float = 20.0):
+    def __init__(self, circular: Tensor, low: Tensor, high: Tensor, bounded: BoundedBase = "truncated_normal",
+                 torsion: TorsionBase = "uniform", max_concentration: float = 20.0):
         super().__init__()
-        if bounded not in BOUNDED_BASES:
-            raise ValueError(f"bounded base must be one of {BOUNDED_BASES}, got {bounded!r}")
-        if torsion not in TORSION_BASES:
-            raise ValueError(f"torsion base must be one of {TORSION_BASES}, got {torsion!r}")
+        check_choices(CoordinateBase.__init__, dict(bounded=bounded, torsion=torsion), "base: ")
         self.bounded, self.torsion = bounded, torsion
         self.max_concentration = max_concentration
         self.register_buffer("circular", circular.bool())

@@ -2,73 +2,101 @@
 
 :func:`neural_spline_flow` builds either the split-channel NSF of Kim et al. (2024) (backbone
 channel first, side chains conditioned on it, GAU conditioners) or the baseline NSF (one channel,
-MLP conditioners). Both are :class:`InternalFlow`\\ s with the zuko-like API ``log_prob(z)`` and
-``sample(n) -> (z, log_q)`` (reparameterised: gradients flow from z and log_q to the parameters).
+MLP conditioners). Both are :class:`InternalFlow`\\ s (a ``bg.flows.Flow``: ``log_prob(z)``,
+``sample(n) -> (z, log_q)``, reparameterised) whose ``fit(z)`` sets the spline intervals of bonds and
+angles from the training range and the base statistics.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any, Literal
+
 import torch
 from torch import Tensor, nn
 
-from bg.flows.conditioners import GAUConditioner, MLPConditioner
-from bg.flows.coupling import SplitChannelFlow
-from bg.flows.distributions import CoordinateBase
+from bg.choices import check_choices
+from bg.flows.base import Flow
+from bg.flows.conditioners import AbsoluteEmbedding, GAUConditioner, GAUTokens, MLPConditioner
+from bg.flows.coupling import SplineCoupling, SplitChannelFlow
+from bg.flows.distributions import BoundedBase, CoordinateBase, TorsionBase
 
-CONDITIONERS = ("gau", "mlp")
+Conditioner = Literal["gau", "mlp"]
+BOND, ANGLE, TORSION = 0, 1, 2
 
 
-class InternalFlow(nn.Module):
+class InternalFlow(Flow):
     """q(z) = p_base(f(z)) |det ∂f/∂z| for a bijection ``transform`` (z → base space).
 
     ``transform`` returns ``(u, log|det ∂u/∂z|)`` and has ``inverse(u) -> (z, log|det ∂z/∂u|)``.
+
+    Args:
+        transform: the coupling stack.
+        base: the base distribution.
+        kinds: ``(D,)`` 0 bond, 1 angle, 2 torsion (which coordinates ``fit`` bounds, and how).
+        bound_margin: ``fit`` sets the interval of a bond/angle to its training range widened by this
+            fraction of it on each side (angles kept inside (0, π)).
     """
 
-    def __init__(self, transform: nn.Module, base: CoordinateBase):
+    def __init__(self, transform: nn.Module, base: CoordinateBase, kinds: Tensor | None = None,
+                 bound_margin: float = 0.25):
         super().__init__()
         self.transform = transform
         self.base = base
+        kinds = kinds if kinds is not None else torch.where(base.circular, TORSION, BOND)
+        self.register_buffer("kinds", kinds.long(), persistent=False)
+        self.bound_margin = bound_margin
 
-    def log_prob(self, z: Tensor) -> Tensor:
+    @torch.no_grad()
+    def fit(self, z: Tensor) -> "InternalFlow":
+        """Spline intervals of bonds (nm) and angles (rad) from the range of training data ``z`` ``(F, D)``,
+        then the base statistics."""
+        lo, hi = z.min(0).values, z.max(0).values
+        margin = self.bound_margin * (hi - lo) + 1e-4
+        angle, circular = self.kinds == ANGLE, self.kinds == TORSION
+        low = torch.where(circular, -math.pi, (lo - margin).clamp(min=1e-3))
+        high = torch.where(circular, math.pi, torch.where(angle, (hi + margin).clamp(max=math.pi - 1e-3), hi + margin))
+        for module in [self.base, *(m for m in self.modules() if isinstance(m, SplineCoupling))]:
+            module.low.copy_(low)
+            module.high.copy_(high)
+        self.base.fit(z)
+        return self
+
+    def log_prob(self, z: Tensor, context: Any = None) -> Tensor:
         """``(B, D)`` → ``(B,)`` log density of the internal coordinates."""
-        u, ld = self.transform(z)
+        u, ld = self.transform(z.to(self.dtype))
         return self.base.log_prob(u) + ld
 
-    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, D)`` and their log density ``(n,)``."""
-        dtype = next(self.parameters()).dtype
-        u = self.base.sample(n, dtype=dtype)
+        u = self.base.sample(n, dtype=self.dtype)
         z, ld = self.transform.inverse(u)
         return z, self.base.log_prob(u) - ld
 
 
 def neural_spline_flow(
-    circular: Tensor,
-    low: Tensor,
-    high: Tensor,
     kinds: Tensor,
     residues: Tensor,
     backbone: Tensor,
     split_channels: bool = True,
-    conditioner: str = "gau",
+    conditioner: Conditioner = "gau",
     backbone_layers: int = 8,
     sidechain_layers: int = 4,
     bins: int = 8,
     width: int = 64,
     depth: int = 2,
     attention_dim: int = 32,
-    absolute_position: str = "sinusoidal",
+    absolute_position: AbsoluteEmbedding = "sinusoidal",
     rotary: bool = True,
-    tokens: str = "residue",
-    base_bounded: str = "truncated_normal",
-    base_torsion: str = "uniform",
+    tokens: GAUTokens = "residue",
+    base_bounded: BoundedBase = "truncated_normal",
+    base_torsion: TorsionBase = "uniform",
+    bound_margin: float = 0.25,
 ) -> InternalFlow:
-    """Build an NSF over ``D`` internal coordinates.
+    """Build an NSF over ``D`` internal coordinates (call ``fit`` with training data before use).
 
     Args:
-        circular: ``(D,)`` True for torsions.
-        low, high: ``(D,)`` spline intervals of bonds (nm) and angles (rad).
-        kinds: ``(D,)`` 0 bond, 1 angle, 2 torsion (token type for GAU conditioners).
+        kinds: ``(D,)`` 0 bond, 1 angle, 2 torsion (token type for GAU conditioners; torsions are circular).
         residues: ``(D,)`` residue index (positions for GAU conditioners).
         backbone: ``(D,)`` True for backbone coordinates.
         split_channels: two channels (backbone, then side chains conditioned on the backbone); ``False``
@@ -80,10 +108,14 @@ def neural_spline_flow(
         absolute_position, rotary: positional embeddings of the GAU conditioner.
         tokens: GAU tokens, ``"residue"`` (default, O(R²) attention) or ``"coordinate"``.
         base_bounded, base_torsion: base distribution families (see ``CoordinateBase``).
+        bound_margin: see :class:`InternalFlow`.
     """
-    if conditioner not in CONDITIONERS:
-        raise ValueError(f"conditioner must be one of {CONDITIONERS}, got {conditioner!r}")
-    d = len(circular)
+    check_choices(neural_spline_flow, dict(conditioner=conditioner))
+    d = len(kinds)
+    circular = kinds == TORSION
+    # placeholder intervals until fit() (or a state dict) sets them
+    low = torch.where(circular, -math.pi, torch.zeros(d, dtype=torch.float64))
+    high = torch.where(circular, math.pi, torch.ones(d, dtype=torch.float64))
 
     def make(n_params: int) -> nn.Module:
         if conditioner == "mlp":
@@ -95,4 +127,4 @@ def neural_spline_flow(
     transform = SplitChannelFlow(channels, circular, low, high, make, backbone_layers=backbone_layers,
                                  sidechain_layers=sidechain_layers if split_channels else 0, bins=bins)
     base = CoordinateBase(circular, low, high, bounded=base_bounded, torsion=base_torsion)
-    return InternalFlow(transform, base)
+    return InternalFlow(transform, base, kinds, bound_margin)

@@ -11,16 +11,26 @@ block; latent → data is sequential over tokens (T passes per block, each on th
 
 ``a`` is soft-clamped to (−``max_log_scale``, ``max_log_scale``) by a scaled tanh, which keeps the
 inverse well conditioned without changing the form of the transform.
+
+:class:`CartesianTarFlow` is the TarFlow over molecular frames ``(B, N, 3)``: atom or coordinate tokens,
+and the centre-of-mass correction of ``bg.coordinates.com`` that turns the density of all 3N numbers
+into one of the centred frame (extended-space importance sampling).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from bg.choices import check_choices
+from bg.coordinates.com import ComCorrection, com_log_density
+from bg.flows.base import Flow
 from bg.flows.chain import run_chain
+
+Tokens = Literal["atom", "coordinate"]
 
 
 class _CausalLayer(nn.Module):
@@ -93,7 +103,7 @@ class TarFlowBlock(nn.Module):
         return x, log_det
 
 
-class TarFlow(nn.Module):
+class TarFlow(Flow):
     """Stack of ``TarFlowBlock``s with alternating token order and a standard normal prior.
 
     Args:
@@ -125,14 +135,65 @@ class TarFlow(nn.Module):
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * z.square().flatten(1).sum(1) - 0.5 * z[0].numel() * math.log(2 * math.pi)
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, context: Any = None) -> Tensor:
         """log q(x) ``(B,)`` of sequences ``(B, T, D)``."""
         z, log_det = self(x)
         return self.prior_log_prob(z) + log_det
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int, context: Any = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, T, D)`` and their log q ``(n,)`` (reparameterised: differentiable)."""
         p = next(self.parameters())
         z = torch.randn(n, self.n_tokens, self.token_dim, generator=generator, dtype=p.dtype, device=p.device)
         x, log_det = self.inverse(z)
         return x, self.prior_log_prob(z) - log_det
+
+
+class CartesianTarFlow(Flow):
+    """A TarFlow over the 3N numbers of centred, scaled frames ``(B, N, 3)`` with their CoM (module docstring).
+
+    The flow is trained on frames with CoM noise N(0, σ² I₃) (σ = ``com_sigma``, default 1/√N: the CoM
+    spread of the N(0, I) prior), so its samples carry a CoM c. ``sample`` returns them with it and log q
+    of the frame as log q_flow(x) − log h(c), h chosen by ``com_correction``; ``log_prob`` of frames
+    (which carry no CoM information) evaluates the flow at their CoM with the Gaussian h, a
+    deterministic estimate for NLLs. Both are float64.
+
+    Args:
+        n_atoms: N.
+        tokens: ``"atom"`` (N tokens of 3 numbers) or ``"coordinate"`` (3N tokens of 1, very small molecules).
+        com_sigma: CoM noise std per axis in flow units; ``None``: 1/√N.
+        com_correction: ``"gaussian"``, ``"chi3"`` or ``"none"`` (``bg.coordinates.com``).
+        **tarflow: ``channels``, ``blocks``, ``layers``, ``heads``, ``mlp_ratio``, ``max_log_scale`` of :class:`TarFlow`.
+    """
+
+    def __init__(self, n_atoms: int, tokens: Tokens = "atom", com_sigma: float | None = None,
+                 com_correction: ComCorrection = "gaussian", **tarflow: Any):
+        super().__init__()
+        check_choices(CartesianTarFlow.__init__, dict(tokens=tokens, com_correction=com_correction))
+        if com_sigma is not None and com_sigma <= 0:
+            raise ValueError(f"com_sigma must be positive, got {com_sigma}")
+        self.n_atoms, self.com_correction = n_atoms, com_correction
+        self.com_sigma = com_sigma if com_sigma is not None else 1.0 / math.sqrt(n_atoms)
+        self.token_shape = (n_atoms, 3) if tokens == "atom" else (3 * n_atoms, 1)
+        self.net = TarFlow(*self.token_shape, **tarflow)
+
+    def net_log_prob(self, x: Tensor) -> Tensor:
+        """log q_flow ``(B,)`` of flow-unit frames ``(B, N, 3)`` over all 3N numbers (CoM included), float64."""
+        return self.net.log_prob(x.to(self.dtype).reshape(len(x), *self.token_shape)).double()
+
+    def net_sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` reparameterised flow samples ``(n, N, 3)`` with their CoM and log q_flow ``(n,)`` over all 3N
+        numbers (float64)."""
+        x, log_q = self.net.sample(n)
+        return x.reshape(n, self.n_atoms, 3).double(), log_q.double()
+
+    def com_log_density(self, x: Tensor, correction: ComCorrection | None = None) -> Tensor:
+        """log h(c) ``(B,)`` of the CoM of flow-unit frames (``correction`` defaults to ``com_correction``)."""
+        return com_log_density(x, self.com_sigma, correction or self.com_correction)
+
+    def sample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        x, log_q = self.net_sample(n)
+        return x, log_q - self.com_log_density(x)
+
+    def log_prob(self, y: Tensor, context: Any = None) -> Tensor:
+        y = y.double()
+        return self.net_log_prob(y) - self.com_log_density(y, "gaussian")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bg.sampling.ess import kish_ess
+
 
 @dataclass
 class ISResult:
@@ -51,6 +53,6 @@ def importance_sampling(source_energy: Tensor, target_energy: Tensor, clip_top: 
         n_clipped = int((log_w > threshold).sum())
         log_w = torch.minimum(log_w, threshold)
     weights = torch.softmax(log_w, 0)
-    ess = float(1.0 / (weights.square().sum() * n)) if n and torch.isfinite(weights).all() else 0.0
+    ess = float(kish_ess(log_w)) if n else 0.0
     return ISResult(log_w=log_w, weights=weights, ess=ess, log_z=log_z, n_clipped=n_clipped,
                     n_rejected=int(rejected.sum()))

@@ -1,7 +1,10 @@
-"""Sampler settings as config objects (``model.sampler`` in YAML) around the sampling functions.
+"""Samplers as config objects (``model.sampler`` in YAML, the evaluation callback's ``smc``).
 
-``lightning predict`` and the evaluation callback take one of these; the generator supplies the
-particles and the two energies (``BoltzmannGenerator.run_sampler``), the sampler nothing else::
+Every sampler has one call signature, ``sampler(proposal, target, n, generator=None, progress=False)``:
+a :class:`bg.sampling.Proposal` (the generator), the target energy u ``(B, N, 3)`` nm → ``(B,)`` kT, and
+the number of samples. It returns a dict with ``x`` ``(n, N, 3)`` nm, ``log_w`` ``(n,)`` (final log
+weights), ``energy_kT`` ``(n,)``, the sampler's ``name`` under ``sampler`` and its statistics (``ess``,
+``log_z``, ...)::
 
     model:
       init_args:
@@ -12,17 +15,25 @@ particles and the two energies (``BoltzmannGenerator.run_sampler``), the sampler
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
+from typing import Any
 
-from bg.sampling.importance import ISResult, importance_sampling
-from bg.sampling.smc import Energy, SMCResult, smc
+import torch
+
+from bg.sampling.importance import importance_sampling
+from bg.sampling.kernels import MALA, ULA
+from bg.sampling.proposal import Energy, Proposal, batched
+from bg.sampling.smc import smc
 
 
 class Sampler:
-    """Base of the sampler settings; ``name`` labels outputs and logged metrics."""
+    """Base of the samplers; ``name`` labels outputs and logged metrics."""
 
     name = "sampler"
+
+    def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} is not a sampler; use bg.sampling.ImportanceSampler or SMCSampler")
 
 
 class ImportanceSampler(Sampler):
@@ -40,9 +51,17 @@ class ImportanceSampler(Sampler):
             raise ValueError(f"ImportanceSampler.clip_top must be positive, got {clip_top}")
         self.clip_top = clip_top
 
-    def __call__(self, source_energy: Tensor, target_energy: Tensor) -> ISResult:
-        """Weights from the energies ``(n,)`` of the samples: E0 = −log q, E1 = u."""
-        return importance_sampling(source_energy, target_energy, self.clip_top)
+    def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        """``n`` proposal samples with their (clipped) weights, ``log_q``, the checks' flags, ``ess``, ``log_z``,
+        ``n_clipped`` and ``n_rejected`` (non-finite energy or dropped by the checks)."""
+        out = proposal.weigh(n, target)
+        e0 = -out["log_q"].double()
+        if "valid" in out:  # samples a family's checks dropped (chirality, topology) weigh zero
+            e0 = e0.masked_fill(~out["valid"].to(e0.device), -math.inf)
+        res = importance_sampling(e0, out["energy_kT"], self.clip_top)
+        return dict(out, log_w=res.log_w, sampler=self.name, ess=res.ess, log_z=res.log_z,
+                    n_clipped=res.n_clipped, n_rejected=res.n_rejected)
 
 
 class SMCSampler(Sampler):
@@ -54,7 +73,8 @@ class SMCSampler(Sampler):
         step_size: h of x' = x − h∇E_t + √(2h)ξ in the generator's particle space (Cartesian nm² for
             every family: ~1e-6 nm² suits hydrogen-containing molecules, whose stiffest bonds allow
             at most ~2e-5 nm² before the unadjusted dynamics blow up).
-        metropolis: Metropolis-adjusted Langevin (exact at every t; slower mixing at large h).
+        metropolis: Metropolis-adjusted Langevin (``MALA``, exact at every t; slower mixing at large h);
+            ``False``: unadjusted (``ULA``).
         ess_threshold: resample when ESS/n drops below this.
         energy_cut: particles above this target energy (kT) get weight 0 (reported as rejection rate).
         batch_size: particles per energy/gradient evaluation (memory); ``None``: all at once.
@@ -70,9 +90,23 @@ class SMCSampler(Sampler):
         self.metropolis, self.ess_threshold, self.energy_cut = metropolis, ess_threshold, energy_cut
         self.batch_size = batch_size
 
-    def __call__(self, x: Tensor, source_energy: Energy, target_energy: Energy,
-                 generator: torch.Generator | None = None, progress: bool = False) -> SMCResult:
-        """Run SMC from proposal particles ``x`` with E0 = ``source_energy`` and E1 = ``target_energy``."""
-        return smc(x, source_energy, target_energy, n_steps=self.n_steps, langevin_steps=self.langevin_steps,
-                   step_size=self.step_size, metropolis=self.metropolis, ess_threshold=self.ess_threshold,
-                   energy_cut=self.energy_cut, batch_size=self.batch_size, generator=generator, progress=progress)
+    def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        """``n`` particles moved from the proposal to the target, their final weights and the run's statistics
+        (ESS history, resampling times, acceptance, rejection rate, ``n_ancestors``)."""
+        if not proposal.differentiable:
+            raise ValueError(f"{proposal.name} does not support SMC: the Langevin moves need ∇ log q, which this "
+                             "generator does not provide; use sampler: null or bg.sampling.ImportanceSampler")
+        kernel = (MALA if self.metropolis else ULA)(self.step_size)
+        # SMC needs gradients; Lightning's predict and validation loops run in inference mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            res = smc(proposal.particles(n), lambda s: -proposal.log_prob(s), proposal.target(target),
+                      n_steps=self.n_steps, langevin_steps=self.langevin_steps, step_size=self.step_size,
+                      ess_threshold=self.ess_threshold, energy_cut=self.energy_cut, batch_size=self.batch_size,
+                      generator=generator, progress=progress, kernel=kernel)
+        x = proposal.frames(res.x).double()
+        with torch.no_grad():
+            u = batched(target, x, proposal.batch_size)
+        return dict(x=x, log_w=res.log_w, energy_kT=u, sampler=self.name, ess=res.ess, log_z=res.log_z,
+                    ess_history=res.ess_history, resampled_at=res.resampled_at, acceptance=res.acceptance,
+                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)

@@ -19,14 +19,18 @@ size of each of the C columns. Atoms with identical rows are "identical atoms".
 from __future__ import annotations
 
 import logging
+from typing import Literal, get_args
 
 import mdtraj as md
 import torch
 from torch import Tensor
 
+from bg.choices import check_choices
+
 log = logging.getLogger(__name__)
 
-ENCODINGS = ("element", "backbone", "full")
+Encoding = Literal["element", "backbone", "full"]
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
 
 #: Backbone atom names of the ``backbone`` encoding (token = position + 1).
 BACKBONE_NAMES = ("N", "CA", "C", "O", "H", "HA")
@@ -53,10 +57,9 @@ ENCODING_VOCAB: dict[str, tuple[int, ...]] = {
 }
 
 
-def atom_tokens(topology: md.Topology, kind: str = "full") -> Tensor:
+def atom_tokens(topology: md.Topology, kind: Encoding = "full") -> Tensor:
     """Integer tokens ``(N, C)`` of every atom of ``topology`` for encoding ``kind`` (see module docstring)."""
-    if kind not in ENCODINGS:
-        raise ValueError(f"atom encoding must be one of {', '.join(ENCODINGS)}, got {kind!r}")
+    check_choices(atom_tokens, dict(kind=kind), "atom encoding ")
     unknown: set[str] = set()
     rows = []
     partners = {}

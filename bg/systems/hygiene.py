@@ -16,17 +16,21 @@ rates reported (an ESS over the survivors alone flatters the generator).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import mdtraj as md
 import numpy as np
 import torch
 from torch import Tensor
+
+from bg.choices import check_choices
 
 #: Covalent radii in nm (Cordero et al., Dalton Trans. 2008) of the elements of biomolecules.
 COVALENT_RADII = {"H": 0.031, "C": 0.076, "N": 0.071, "O": 0.066, "S": 0.105, "P": 0.107, "F": 0.057,
                   "Cl": 0.102, "Br": 0.120, "I": 0.139, "Se": 0.120, "Na": 0.166, "K": 0.203, "Mg": 0.141,
                   "Ca": 0.176, "Zn": 0.122, "Fe": 0.132}
 
-CHIRALITY_MODES = ("mirror", "drop", "keep")
+ChiralityMode = Literal["mirror", "drop", "keep"]
 
 
 def chiral_centres(topology: md.Topology) -> Tensor:
@@ -97,7 +101,7 @@ class FrameChecks:
         graph = graph & ~torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
         return graph.ne(self.bonds.to(x.device)).any(-1).any(-1)
 
-    def apply(self, x: Tensor, chirality: str = "mirror", drop_broken: bool = True) -> dict[str, Tensor]:
+    def apply(self, x: Tensor, chirality: ChiralityMode = "mirror", drop_broken: bool = True) -> dict[str, Tensor]:
         """Check frames ``(B, N, 3)`` and fix their chirality.
 
         ``chirality``: ``mirror`` (frames with every centre inverted are reflected through their
@@ -108,8 +112,7 @@ class FrameChecks:
         Returns ``x`` (fixed frames), ``wrong_chirality`` (any centre inverted, before fixing),
         ``mirrored``, ``broken_topology`` and ``valid`` (``(B,)`` bool; not dropped).
         """
-        if chirality not in CHIRALITY_MODES:
-            raise ValueError(f"chirality must be one of {', '.join(CHIRALITY_MODES)}, got {chirality!r}")
+        check_choices(FrameChecks.apply, dict(chirality=chirality))
         inv = self.inverted(x)
         wrong = inv.any(-1)
         mirrored = torch.zeros_like(wrong)

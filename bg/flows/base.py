@@ -1,0 +1,107 @@
+"""The interface every flow shares, and the Cartesian density that composes a flow with a representation.
+
+A :class:`Flow` is a density in its own space (internal coordinates, centred scaled frames, ...):
+``log_prob(y) -> (B,)`` and ``sample(n) -> (y, log_q)``, plus ``fit(y)`` for data-dependent buffers
+(spline bounds, base statistics). Flows take ``context=None`` in both calls: a conditional flow (one
+model for many molecules) reads the molecule from it and sets ``conditional = True``; an unconditional
+flow refuses a context. ``reparameterized`` declares whether gradients flow from ``sample`` to the
+parameters (needed by the reverse-KL and W2 loss terms) and from ``log_prob`` to its input (needed by SMC).
+
+:class:`CartesianDensity` = flow ∘ representation, written once for every family: positions ``x``
+``(B, N, 3)`` nm ↔ ``y = representation(x)``, log q(x) = log q_flow(y) + log|det ∂y/∂x|. Everything
+downstream (loss terms, samplers, evaluation) talks to it in Cartesian nm and float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Flow(nn.Module):
+    """Base of the flows (see module docstring). Subclasses implement ``log_prob`` and ``sample``."""
+
+    #: gradients flow from ``sample`` to the parameters and from ``log_prob`` to its input
+    reparameterized: bool = True
+    #: accepts a molecule as ``context`` (transferable families)
+    conditional: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the flow computes in (that of its parameters)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def fit(self, y: Tensor) -> "Flow":
+        """Set data-dependent buffers from training data ``y`` in the flow's space (default: none)."""
+        return self
+
+    def log_prob(self, y: Tensor, context: Any = None) -> Tensor:
+        """log q ``(B,)`` of points ``y`` ``(B, ...)`` of the flow's space."""
+        raise NotImplementedError
+
+    def sample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        """``n`` points ``(n, ...)`` and their log q ``(n,)``."""
+        raise NotImplementedError
+
+
+class CartesianDensity(nn.Module):
+    """A flow over a representation, as a density of Cartesian positions (see module docstring).
+
+    Args:
+        representation: ``forward(x) -> (y, log|det ∂y/∂x|)``, ``inverse(y) -> (x, log|det ∂x/∂y|)`` and
+            ``fit(frames)`` (``bg.coordinates.InternalCoordinates`` or ``CartesianCoordinates``).
+        flow: a :class:`Flow` over the representation's space.
+    """
+
+    def __init__(self, representation: nn.Module, flow: Flow):
+        super().__init__()
+        self.representation, self.flow = representation, flow
+
+    @property
+    def reparameterized(self) -> bool:
+        return self.flow.reparameterized
+
+    def _context(self, context: Any) -> dict[str, Any]:
+        if context is None:
+            return {}
+        if not self.flow.conditional:
+            raise ValueError(f"{type(self.flow).__name__} is not conditioned on the molecule; pass no context")
+        return dict(context=context)
+
+    @torch.no_grad()
+    def fit(self, frames: Tensor, batch_size: int = 4096) -> "CartesianDensity":
+        """Fit the representation, then the flow, to training frames ``(F, N, 3)`` nm."""
+        frames = frames.double()
+        self.representation.fit(frames)
+        y = torch.cat([self.representation(c)[0] for c in frames.split(batch_size)])
+        self.flow.fit(y)
+        return self
+
+    def rsample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        """``n`` reparameterised samples: x ``(n, N, 3)`` nm (float64) and log q ``(n,)``, differentiable."""
+        if not self.reparameterized:
+            raise RuntimeError(f"{type(self.flow).__name__} has no reparameterised samples")
+        return self._draw(n, context)
+
+    def _draw(self, n: int, context: Any) -> tuple[Tensor, Tensor]:
+        y, log_q = self.flow.sample(n, **self._context(context))
+        x, log_det = self.representation.inverse(y.double())
+        return x, log_q.double() - log_det
+
+    @torch.no_grad()
+    def sample(self, n: int, context: Any = None, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` samples without gradients, in batches of ``batch_size``: x ``(n, N, 3)`` nm (float64), log q ``(n,)``."""
+        bs = batch_size or max(n, 1)
+        parts = [self._draw(min(bs, n - i), context) for i in range(0, n, bs)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def log_prob(self, x: Tensor, context: Any = None, **options: Any) -> Tensor:
+        """Cartesian log density ``(B,)`` of frames ``(B, N, 3)`` nm; ``options`` go to the flow's ``log_prob``."""
+        y, log_det = self.representation(x.double())
+        return self.flow.log_prob(y, **self._context(context), **options).double() + log_det

@@ -1,0 +1,87 @@
+"""What samplers draw from: a generator seen as a proposal, apart from the model that trained it.
+
+A :class:`Proposal` wraps a Cartesian density (``bg.flows.CartesianDensity``: ``sample(n) -> (x,
+log_q)``, ``log_prob(x)``) with what sampling needs besides it:
+
+- ``sample(n)``: frames ``x`` ``(n, N, 3)`` nm (float64) with ``log_q`` ``(n,)``, drawn without gradients in
+  batches of ``batch_size``, passed through the family's sample ``checks`` (which may fix frames, e.g.
+  mirror them, and return boolean per-sample flags; a ``valid`` flag drops samples: weight 0);
+- the particle space SMC moves in: ``particles(n)``, the differentiable source density
+  ``log_prob(s)``, ``frames(s)`` (Cartesian nm) and ``target(u)``, the target energy expressed on
+  particles. By default particles are Cartesian frames and the target is u itself; a family whose
+  flow lives on a larger space (TarFlow's CoM) overrides these four.
+
+``differentiable`` says whether ∇ log q exists (SMC needs it; a CNF whose log q comes from an ODE solve
+does not provide it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+Energy = Callable[[Tensor], Tensor]
+#: (frames, log_q) -> (frames, log_q, flags): a family's checks of generated frames
+Checks = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+def batched(fn: Energy, x: Tensor, batch_size: int) -> Tensor:
+    """``fn`` over ``x`` in chunks of ``batch_size`` rows, concatenated."""
+    return torch.cat([fn(c) for c in x.split(batch_size)])
+
+
+class Proposal:
+    """A Cartesian density as samplers see it (see module docstring).
+
+    Args:
+        density: ``sample(n, batch_size=...) -> (x, log_q)`` and ``log_prob(x)``, Cartesian nm.
+        batch_size: samples per batch when drawing and when evaluating energies.
+        checks: the family's checks of generated frames (``None``: none).
+        differentiable: whether ``log_prob`` has gradients with respect to x.
+        name: label in error messages.
+    """
+
+    def __init__(self, density: nn.Module, batch_size: int = 1000, checks: Checks | None = None,
+                 differentiable: bool = True, name: str = "generator"):
+        self.density, self.batch_size, self.checks = density, batch_size, checks
+        self.differentiable, self.name = differentiable, name
+
+    def sample(self, n: int) -> dict[str, Tensor]:
+        """``x`` ``(n, N, 3)`` nm (float64), ``log_q`` ``(n,)`` and the checks' flags."""
+        x, log_q = self.density.sample(n, batch_size=self.batch_size)
+        flags: dict[str, Tensor] = {}
+        if self.checks is not None:
+            x, log_q, flags = self.checks(x, log_q)
+        return dict(x=x, log_q=log_q, **flags)
+
+    def weigh(self, n: int, target: Energy) -> dict[str, Tensor]:
+        """``sample(n)`` plus ``energy_kT`` = u(x) and ``log_w`` = −u − log q (−inf for samples the checks
+        dropped): importance-weighted samples of exp(−u)."""
+        out = self.sample(n)
+        with torch.no_grad():
+            u = batched(target, out["x"], self.batch_size)
+        log_w = -u - out["log_q"].double()
+        if "valid" in out:
+            log_w = log_w.masked_fill(~out["valid"].to(log_w.device), -math.inf)
+        return dict(out, energy_kT=u, log_w=log_w)
+
+    # ------------------------------------------------------------------ the particle space of SMC
+    @torch.no_grad()
+    def particles(self, n: int) -> Tensor:
+        """``n`` proposal particles (float64) in the space SMC moves them in (here: Cartesian frames, nm)."""
+        return self.density.sample(n, batch_size=self.batch_size)[0]
+
+    def log_prob(self, s: Tensor) -> Tensor:
+        """log q of particles ``(B, ...)`` → ``(B,)``, differentiable (up to a constant)."""
+        return self.density.log_prob(s)
+
+    def frames(self, s: Tensor) -> Tensor:
+        """Cartesian frames ``(B, N, 3)`` nm of particles."""
+        return s
+
+    def target(self, u: Energy) -> Energy:
+        """The target energy on particles (kT), whose frame marginal is exp(−u)."""
+        return u
