@@ -58,7 +58,7 @@ def test_samples_density_is_the_density_of_the_written_frames(trained):
     symmetric, so the folded density is 2q), and log_prob includes the scale's Jacobian."""
     model, _ = trained
     torch.manual_seed(1)
-    out = model.sample_weighted(12)
+    out = model.proposal.weigh(12, model.energy)
     lp = model.log_prob(out["x"])
     torch.testing.assert_close(lp + math.log(2.0), out["log_q"], atol=2e-3, rtol=1e-5)
     mirror = out["x"] * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
@@ -72,22 +72,22 @@ def test_samples_density_is_the_density_of_the_written_frames(trained):
 def test_dropped_samples_weigh_zero_and_lower_the_ess(trained):
     model, _ = trained
     torch.manual_seed(2)
-    out = model.sample_weighted(16)
+    out = model.proposal.weigh(16, model.energy)
     for key in ("wrong_chirality", "mirrored", "broken_topology", "valid"):
         assert out[key].dtype == torch.bool and out[key].shape == (16,)
     assert torch.equal(torch.isfinite(out["log_w"]), out["valid"] & torch.isfinite(out["energy_kT"]))
-    res = model.run_sampler(16, ImportanceSampler())
+    res = ImportanceSampler()(model.proposal, model.energy, 16)
     assert res["ess"] == pytest.approx(float(kish_ess(res["log_w"])))
     assert torch.isneginf(res["log_w"][~res["valid"]]).all()
     with pytest.raises(ValueError, match="does not support SMC"):
-        model.run_sampler(4, SMCSampler(n_steps=2))
+        SMCSampler(n_steps=2)(model.proposal, model.energy, 4)
     with pytest.raises(ValueError, match="does not support SMC"):
         EquivariantCNF(sampler=SMCSampler())
 
 
 def test_option_errors_are_clear():
     for kwargs, match in ((dict(encoding="atoms"), "encoding"), (dict(chirality="flip"), "chirality"),
-                          (dict(pairing="sinkhorn"), "pairing"), (dict(solver="rk45"), "ODE method"),
+                          (dict(pairing="sinkhorn"), "pairing"), (dict(solver="rk45"), "model.solver must be one of"),
                           (dict(scale=-1.0), "scale"), (dict(loss_weights={"nll": 1.0}), "unknown term")):
         with pytest.raises(ValueError, match=match):
             EquivariantCNF(**kwargs)
@@ -121,7 +121,7 @@ def test_fit_logs_ess_with_chirality_and_topology_rates(fitted):
     rows = list(csv.DictReader(open(tmp_path / "logs" / "run" / "metrics.csv")))
     val = [r for r in rows if r.get("val/ess")]
     assert len(val) == 2
-    for key in ("val/flow_matching", "val/wrong_chirality_rate", "val/broken_topology_rate", "val/valid_fraction",
+    for key in ("val/flow_matching", "val/wrong_chirality_rate", "val/broken_topology_rate", "val/valid_rate",
                 "val/torsion_w2", "val/energy_w2"):
         assert 0 <= float(val[-1][key]) < math.inf, key
     assert any(r.get("train/flow_matching") for r in rows)

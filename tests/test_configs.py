@@ -69,7 +69,7 @@ def test_tarflow_configs_parse_with_each_sampler(path, sampler, tmp_path):
                 model_class=TarFlowGenerator.__mro__[1], datamodule_class=MDDataModule.__mro__[1],
                 subclass_mode_model=True, subclass_mode_data=True, run=False)
     model = cli.model
-    assert isinstance(model, TarFlowGenerator) and model.com_correction == "gaussian" and model.rotations
+    assert isinstance(model, TarFlowGenerator) and model.hparams.com_correction == "gaussian" and model.hparams.rotations
     expected = {None: type(None), "importance": ImportanceSampler, "smc": SMCSampler}[sampler.stem if sampler else None]
     assert isinstance(model.sampler, expected)
     stages = yaml.safe_load(path.read_text())["loss"]["stages"]
@@ -89,8 +89,8 @@ def test_cnf_config_parses_with_every_option_and_rejects_smc(tmp_path):
     cli = BGCLI(args=common, model_class=EquivariantCNF.__mro__[1], datamodule_class=MDDataModule.__mro__[1],
                 subclass_mode_model=True, subclass_mode_data=True, run=False)
     model = cli.model
-    assert isinstance(model, EquivariantCNF) and model.encoding == "full" and model.pairing == "ot"
-    assert model.ode.method == "dopri5" and model.chirality == "mirror"
+    assert isinstance(model, EquivariantCNF) and model.hparams.encoding == "full" and model.hparams.pairing == "ot"
+    assert model.ode.method == "dopri5" and model.hparams.chirality == "mirror"
     options = set(inspect.signature(EquivariantCNF).parameters) - {"loss_weights", "weight_decay", "energy_compile"}
     assert options <= set(yaml.safe_load(path.read_text())["model"]["init_args"])
     stages = yaml.safe_load(path.read_text())["loss"]["stages"]

@@ -66,7 +66,7 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, aldp_data_arg
     assert torch.equal(probe.before[(0, 1)], probe.after[(0, 1)]), "the poisoned step must not touch the weights"
     assert not torch.equal(probe.before[(0, 2)], probe.after[(0, 2)]), "training goes on after it"
     assert torch.isfinite(probe.after[(0, 2)]).all()
-    assert model.skipped_steps == 1 and trainer.global_step == 3  # a skipped step still counts as a step
+    assert model.guard.skipped == 1 and trainer.global_step == 3  # a skipped step still counts as a step
     with open(tmp_path / "run" / "metrics.csv") as fh:
         logged = [float(r["train/skipped_steps"]) for r in csv.DictReader(fh) if r.get("train/skipped_steps")]
     assert logged[0] == 0 and logged[-1] == 1

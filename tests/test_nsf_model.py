@@ -48,7 +48,7 @@ def test_w2_term_equals_assignment_w2(built):
     torch.manual_seed(3)
     value = model.term_w2(x)
     torch.manual_seed(3)
-    xs, _ = model.sample_with_grad(32)
+    xs, _ = model.density.rsample(32)
     gen = pairwise_distances(xs, model.pairs).detach().numpy()
     ref = pairwise_distances(x.double(), model.pairs).numpy()
     total = 0.0
@@ -64,7 +64,7 @@ def test_kl_term_equals_energy_plus_log_q(built):
     torch.manual_seed(4)
     value = model.term_kl(dm.positions["train"][:4])
     torch.manual_seed(4)
-    xs, log_q = model.sample_with_grad(model.kl_batch_size)
+    xs, log_q = model.density.rsample(model.hparams.kl_batch_size)
     u = OpenMMEnergy(dm.system.create_openmm_system(), dm.system.temperature)(xs.detach())
     u = torch.where(u > model.energy_cut, model.energy_cut + torch.log1p(u - model.energy_cut), u)
     assert abs(value.item() - (u + log_q.detach()).mean().item()) < 1e-4 * max(1.0, abs(value.item()))
@@ -107,11 +107,12 @@ def test_smc_runs_in_cartesian_space_for_the_nsf(built):
 
     model, _ = built
     torch.manual_seed(2)
-    x = model.draw_particles(16)
-    out = model.sample_weighted(4)
-    torch.testing.assert_close(model.source_energy(out["x"]) - model.sampler_target_energy(out["x"]), out["log_w"],
-                               rtol=0, atol=5e-3)
-    res = model.run_sampler(16, SMCSampler(n_steps=3, langevin_steps=2, step_size=1e-7),
-                            generator=torch.Generator().manual_seed(0))
+    proposal = model.proposal
+    x = proposal.particles(16)
+    out = proposal.weigh(4, model.energy)
+    target = proposal.target(model.energy)
+    torch.testing.assert_close(-proposal.log_prob(out["x"]) - target(out["x"]), out["log_w"], rtol=0, atol=5e-3)
+    res = SMCSampler(n_steps=3, langevin_steps=2, step_size=1e-7)(proposal, model.energy, 16,
+                                                                  generator=torch.Generator().manual_seed(0))
     assert x.shape == res["x"].shape == (16, 22, 3) and torch.isfinite(res["energy_kT"]).all()
     assert 0 < res["acceptance"] <= 1 and len(res["ess_history"]) == 3

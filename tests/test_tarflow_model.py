@@ -46,8 +46,8 @@ def test_gaussian_com_correction_gives_the_exact_density_of_the_centred_frame(mo
     # The untrained flow is the identity, i.e. N(0, I) on all 3N numbers. Its exact density of the
     # centred shape y on the 3(N−1)-dimensional subspace is N(0, I) there; with com_sigma = 1/√N the
     # Gaussian CoM correction recovers it exactly, for samples (random CoM) and for frames (CoM 0).
-    n_atoms = model.n_atoms
-    x, log_q = model.sample_with_grad(200)
+    n_atoms = model.system.topology.n_atoms
+    x, log_q = model.density.rsample(200)
     y = x / model.scale
     exact = (-0.5 * y.square().sum((1, 2)) - 1.5 * (n_atoms - 1) * math.log(2 * math.pi)
              - 3 * (n_atoms - 1) * torch.log(model.scale))
@@ -71,21 +71,22 @@ def test_augmentation_rotates_rigidly_and_adds_com_noise_of_the_set_size(model, 
 
 def test_importance_and_smc_outputs_are_consistent(model):
     torch.manual_seed(2)
-    out = model.run_sampler(64)  # default: importance sampling
+    proposal = model.proposal
+    out = ImportanceSampler()(proposal, model.energy, 64)
     torch.testing.assert_close(out["log_w"], -out["energy_kT"] - out["log_q"])
     assert out["sampler"] == "importance" and 0 < out["ess"] <= 1
-    clipped = model.run_sampler(64, ImportanceSampler(clip_top=5))
+    clipped = ImportanceSampler(clip_top=5)(proposal, model.energy, 64)
     assert clipped["n_clipped"] >= 1 and clipped["ess"] >= 1 / 64
     # SMC particles live on all 3N coordinates (CoM kept): E0 − E1 there are the extended-space
     # importance log-weights; for the identity flow they equal −u − log q(centred frame) up to a constant.
-    s = model.draw_particles(16)
+    s = proposal.particles(16)
     assert centre_of_mass(s).abs().max() > 1e-4
-    lw = model.source_energy(s) - model.sampler_target_energy(s)
-    frames = model.particles_to_frames(s)
+    lw = -proposal.log_prob(s) - proposal.target(model.energy)(s)
+    frames = proposal.frames(s)
     diff = lw - (-model.energy(frames) - model.log_prob(frames))
     torch.testing.assert_close(diff, diff[:1].expand(16), rtol=0, atol=1e-4)
-    smc = model.run_sampler(32, SMCSampler(n_steps=4, langevin_steps=1, step_size=1e-7, batch_size=16),
-                            generator=torch.Generator().manual_seed(0))
+    smc = SMCSampler(n_steps=4, langevin_steps=1, step_size=1e-7, batch_size=16)(
+        proposal, model.energy, 32, generator=torch.Generator().manual_seed(0))
     assert smc["x"].shape == (32, 22, 3) and smc["sampler"] == "smc" and len(smc["ess_history"]) == 4
     assert centre_of_mass(smc["x"]).abs().max() < 1e-12
     assert 0 <= smc["acceptance"] <= 1 and torch.isfinite(smc["energy_kT"]).all()
@@ -108,18 +109,18 @@ def test_options_are_checked():
 
 def test_an_unknown_sampler_is_refused(model):
     with pytest.raises(TypeError, match="use bg.sampling.ImportanceSampler or SMCSampler"):
-        model.run_sampler(4, sampler=Sampler())
+        Sampler()(model.proposal, model.energy, 4)
 
 
 def test_coordinate_tokens_and_a_checkpointed_scale(aldp_system, frames, tmp_path):
     torch.manual_seed(3)
     m = TarFlowGenerator(tokens="coordinate", **TINY)
     m.build(aldp_system, frames)
-    assert m.flow.n_tokens == 66 and m.flow.token_dim == 1
+    assert m.flow.net.n_tokens == 66 and m.flow.net.token_dim == 1
     fitted = float(m.scale)
     centred = frames - frames.mean(1, keepdim=True)
     assert fitted == pytest.approx(float(centred.square().mean().sqrt()))
-    for block in m.flow.blocks:  # not the identity any more
+    for block in m.flow.net.blocks:  # not the identity any more
         torch.nn.init.normal_(block.out.weight, std=0.05)
     restored = TarFlowGenerator(tokens="coordinate", **TINY)
     restored.build(aldp_system, None)

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from bg.checkpointing import CHECKPOINT_FORMAT, upgrade_state_dict
 from bg.choices import check_choices
 from bg.energy import LazyTargetEnergy, linlog_cut
 from bg.energy.factory import Backend
 from bg.flows import CartesianDensity
+from bg.models.persistence import CheckpointHooks
 from bg.models.predict import predict_batch, predict_loader
 from bg.models.steps import NonFiniteStepGuard
 from bg.sampling import Proposal, Sampler
@@ -39,7 +39,7 @@ from bg.systems import MolecularSystem
 Optimizer = Literal["adamw", "adam"]
 
 
-class BoltzmannGenerator(L.LightningModule):
+class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
     """Base LightningModule of a Boltzmann generator (see module docstring).
 
     Args:
@@ -61,15 +61,12 @@ class BoltzmannGenerator(L.LightningModule):
         max_skipped_in_a_row: a training step whose loss or gradients are not finite is skipped (no
             optimizer update, counted as ``train/skipped_steps``); this many in a row stop the run.
 
-    Batch sizes are per device: the DataModule's ``batch_size``, and ``w2_batch_size`` /
-    ``kl_batch_size`` of the families, are drawn on each DDP rank. ``predict_samples`` and the
-    evaluation callbacks' ``n_samples`` are totals over all ranks.
+    Batch sizes are per device (DataModule ``batch_size``, ``w2_batch_size``, ``kl_batch_size``);
+    ``predict_samples`` and the evaluation callbacks' ``n_samples`` are totals over all ranks.
     """
 
     #: names of the loss terms the family computes (methods ``term_<name>``)
     loss_terms: tuple[str, ...] = ()
-    #: state-dict key prefixes of checkpoints written before the density existed → today's
-    key_renames: dict[str, str] = {"flow.": "density.flow.", "representation.": "density.representation."}
 
     def __init__(self, loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  optimizer: Optimizer = "adamw", energy_backend: Backend = "auto", energy_compile: bool = False,
@@ -135,25 +132,6 @@ class BoltzmannGenerator(L.LightningModule):
             return
         dm.setup("fit")
         self.build(dm.system, dm.positions["train"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bg_system"] = self.system.to_dict()
-        checkpoint["bg_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        checkpoint["bg_format"] = CHECKPOINT_FORMAT
-        checkpoint["bg_loss_weights"] = dict(self.loss_weights)
-        checkpoint["bg_skipped_steps"] = self.guard.skipped
-        # Rank 0's random stream (flow samples of the w2/kl terms): a resumed single-device run
-        # continues exactly as if it had never stopped.
-        checkpoint["bg_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.is_built:
-            self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
-        if checkpoint.get("bg_format", 1) < CHECKPOINT_FORMAT:
-            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.key_renames)
-        self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
-        self.guard.skipped = int(checkpoint.get("bg_skipped_steps", 0))
-        self._resume_rng = checkpoint.get("bg_rng_state")
 
     # ------------------------------------------------------------------ the generator
     @property

@@ -49,18 +49,19 @@ class Proposal:
         self.density, self.batch_size, self.checks = density, batch_size, checks
         self.differentiable, self.name = differentiable, name
 
-    def sample(self, n: int) -> dict[str, Tensor]:
-        """``x`` ``(n, N, 3)`` nm (float64), ``log_q`` ``(n,)`` and the checks' flags."""
-        x, log_q = self.density.sample(n, batch_size=self.batch_size)
+    def sample(self, n: int, batch_size: int | None = None) -> dict[str, Tensor]:
+        """``x`` ``(n, N, 3)`` nm (float64), ``log_q`` ``(n,)`` and the checks' flags, drawn in batches of
+        ``batch_size`` (default: the proposal's)."""
+        x, log_q = self.density.sample(n, batch_size=batch_size or self.batch_size)
         flags: dict[str, Tensor] = {}
         if self.checks is not None:
             x, log_q, flags = self.checks(x, log_q)
         return dict(x=x, log_q=log_q, **flags)
 
-    def weigh(self, n: int, target: Energy) -> dict[str, Tensor]:
-        """``sample(n)`` plus ``energy_kT`` = u(x) and ``log_w`` = −u − log q (−inf for samples the checks
-        dropped): importance-weighted samples of exp(−u)."""
-        out = self.sample(n)
+    def weigh(self, n: int, target: Energy, batch_size: int | None = None) -> dict[str, Tensor]:
+        """``sample(n, batch_size)`` plus ``energy_kT`` = u(x) and ``log_w`` = −u − log q (−inf for samples the
+        checks dropped): importance-weighted samples of exp(−u)."""
+        out = self.sample(n, batch_size)
         with torch.no_grad():
             u = batched(target, out["x"], self.batch_size)
         log_w = -u - out["log_q"].double()
