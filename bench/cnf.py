@@ -74,7 +74,7 @@ def main() -> None:
     t0 = time.time()
     for i in range(0, args.samples, args.batch):
         size = min(args.batch, args.samples - i)
-        parts.append(model.sample_weighted(size, size))
+        parts.append(model.proposal.weigh(size, model.energy, batch_size=size))
         nfe.append(model.flow.last_nfe)
         done = i + size
         print(f"{done}/{args.samples} samples, {time.time() - t0:.0f} s, NFE {nfe[-1]}", flush=True)

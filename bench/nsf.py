@@ -78,7 +78,7 @@ def evaluate(ckpt: Path, dm: MDDataModule, n: int = 5000, seed: int = 0) -> dict
     model = bg.load_generator(ckpt)
     test, val = dm.positions["test"].double(), dm.positions["val"].double()
     nll = -torch.cat([model.log_prob(c) for c in test.split(1000)]).mean().item()
-    out = model.sample_weighted(n)
+    out = model.proposal.weigh(n, model.energy)
     x, u, log_w = out["x"], out["energy_kT"], out["log_w"]
     top = model.topology
     pairs = backbone_pairs(top)

@@ -33,8 +33,8 @@ def main() -> None:
     for seed in args.seeds:
         torch.manual_seed(seed)
         t0 = time.time()
-        out = model.run_sampler(args.particles, SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000),
-                                generator=torch.Generator().manual_seed(seed))
+        sampler = SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000)
+        out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
         b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
         print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['resampled_at'])} | {out['n_ancestors']} | {out['ess']:.3f} | "

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import bg  # noqa: E402
 from bench.md_reference import compare, load_reference  # noqa: E402
 from bg.analysis import BASINS, basin_populations, torsions  # noqa: E402
-from bg.coordinates import COM_CORRECTIONS  # noqa: E402
+from bg.coordinates import COM_CORRECTIONS, centred  # noqa: E402
 from bg.metrics import circular_w2_1d, kish_ess  # noqa: E402
 from bg.sampling import SMCSampler  # noqa: E402
 
@@ -61,15 +61,17 @@ def main() -> None:
     # proposal samples with log q, timed; the flow samples are kept to compare CoM corrections
     t0 = time.time()
     with torch.no_grad():
-        parts = [model.flow_samples(min(model.sample_batch_size, args.samples - i))
+        parts = [model.flow.net_sample(min(model.sample_batch_size, args.samples - i))
                  for i in range(0, args.samples, model.sample_batch_size)]
     t_sample = time.time() - t0
     xf, lqf = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    x = model.particles_to_frames(xf * model.scale)
+    x = centred(xf * model.scale)
     with torch.no_grad():
         u = torch.cat([model.energy(c) for c in x.split(2000)])
-    ess_by_com = {kind: float(kish_ess(-u - model.cartesian_log_q(xf, lqf, kind))) for kind in COM_CORRECTIONS}
-    log_q = model.cartesian_log_q(xf, lqf)
+    log_scale = model.representation.log_scale(xf)
+    ess_by_com = {kind: float(kish_ess(-u - (lqf - model.flow.com_log_density(xf, kind) - log_scale)))
+                  for kind in COM_CORRECTIONS}
+    log_q = lqf - model.flow.com_log_density(xf) - log_scale
     log_w = -u - log_q
     rows = {"proposal (raw)": compare(x, u, None, ref),
             "importance-reweighted": compare(x, u, log_w, ref)}
@@ -84,8 +86,8 @@ def main() -> None:
         sampler = SMCSampler(n_steps=k_steps, langevin_steps=args.langevin_steps, step_size=h,
                              metropolis=not args.ula, batch_size=1000)
         t0 = time.time()
-        out = model.run_sampler(args.smc_particles, sampler, generator=torch.Generator().manual_seed(args.seed),
-                                progress=True)
+        out = sampler(model.proposal, model.energy, args.smc_particles,
+                      generator=torch.Generator().manual_seed(args.seed), progress=True)
         label = f"SMC K={k_steps}, h={h:g} nm²"
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
                                 resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
@@ -96,7 +98,7 @@ def main() -> None:
     lines = [f"Machine: {platform.node()} ({os.cpu_count()} CPU cores, no GPU), torch {torch.__version__}.", "",
              f"Command: `python {shlex.join(sys.argv)}`", "",
              f"Checkpoint: `{args.checkpoint}`" + (f", trained {args.train_minutes:.1f} min on this machine." if args.train_minutes else "."),
-             f"Proposal: {args.samples} samples, **ESS/n = {ess:.4f}** (CoM correction `{model.com_correction}`); "
+             f"Proposal: {args.samples} samples, **ESS/n = {ess:.4f}** (CoM correction `{model.flow.com_correction}`); "
              f"sampling with log q: {t_sample / args.samples * 1000:.1f} s per 1,000 samples.", "",
              "ESS/n of the same samples under each centre-of-mass correction (bg/coordinates/com.py): "
              + ", ".join(f"{k} {v:.4f}" for k, v in ess_by_com.items()) + ".", "",

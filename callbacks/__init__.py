@@ -1,7 +1,7 @@
 """Lightning callbacks: loss-stage schedule, sample evaluation and figures, sample writer, preemption.
 
 By design a callback never builds a flow: it calls the generator's public API (``sample``,
-``sample_weighted``, ``energy``, ``loss_weights``).
+``proposal``, ``energy``, ``loss_weights``) and ``bg.evaluation``.
 """
 
 from callbacks.evaluation import SampleEvaluation

@@ -91,7 +91,10 @@ def test_cnf_config_parses_with_every_option_and_rejects_smc(tmp_path):
     model = cli.model
     assert isinstance(model, EquivariantCNF) and model.hparams.encoding == "full" and model.hparams.pairing == "ot"
     assert model.ode.method == "dopri5" and model.hparams.chirality == "mirror"
-    options = set(inspect.signature(EquivariantCNF).parameters) - {"loss_weights", "weight_decay", "energy_compile"}
+    from bg.models import BoltzmannGenerator
+
+    options = {p for cls in (EquivariantCNF, BoltzmannGenerator) for p in inspect.signature(cls).parameters}
+    options -= {"kwargs", "loss_weights", "weight_decay", "energy_compile"}
     assert options <= set(yaml.safe_load(path.read_text())["model"]["init_args"])
     stages = yaml.safe_load(path.read_text())["loss"]["stages"]
     assert sum(s["epochs"] for s in stages.values()) <= cli.trainer.max_epochs
