@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import mdtraj as md
-import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
@@ -33,9 +32,14 @@ from bg.metrics import DistanceDistortion, EffectiveSampleSize, Wasserstein1D, W
 from bg.sampling import Energy, Proposal, Sampler, batched, systematic_resample
 
 
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (e.g. base seed, step, chunk), independent streams for distinct keys."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+#: a prime larger than any chunk or rank index: seeds step·STREAMS_PER_STEP + index never collide
+STREAMS_PER_STEP = 1_000_003
+
+
+def stream_seed(seed: int, step: int, index: int) -> int:
+    """The seed of random stream ``index`` (a sample chunk, or an SMC population) at training ``step``:
+    distinct for distinct (step, index) under a base ``seed``; the same on every rank and in every run."""
+    return seed + STREAMS_PER_STEP * step + index
 
 
 @dataclass

@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from bg import plots
-from bg.evaluation import Reference, compute, derived_seed, resampled, sample_metrics, sampler_metrics
+from bg.evaluation import Reference, compute, resampled, sample_metrics, sampler_metrics, stream_seed
 from bg.sampling import SMCSampler
 from callbacks.figures import log_figure, log_histogram
 
@@ -120,10 +120,10 @@ class SampleEvaluation(Callback):
         dev = pl_module.device
         world, rank = trainer.world_size, trainer.global_rank
         n = self.smc_samples // world + (rank < self.smc_samples % world)
-        seed = derived_seed(self.seed, trainer.global_step, rank, 1)
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        # the populations' streams sit apart from the sample chunks' (index ≥ 7919·rank + 17 > any chunk here)
+        gen = torch.Generator(device=dev).manual_seed(stream_seed(self.seed, trainer.global_step, 7919 * rank + 17))
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
+            torch.manual_seed(stream_seed(self.seed, trainer.global_step, 7919 * rank + 29))
             out = self.smc(pl_module.proposal, pl_module.energy, n, generator=gen)
         particles = resampled(out, gen)
         metrics.update(sample_metrics(ref, particles, self.energy_cap, "smc_"))
@@ -150,7 +150,7 @@ class SampleEvaluation(Callback):
         parts = []
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
             for k, size in self.chunks(trainer.world_size, trainer.global_rank, pl_module.sample_batch_size):
-                torch.manual_seed(derived_seed(self.seed, trainer.global_step, k))
+                torch.manual_seed(stream_seed(self.seed, trainer.global_step, k))
                 parts.append(pl_module.proposal.weigh(size, pl_module.energy, batch_size=size))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 

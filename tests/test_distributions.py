@@ -70,5 +70,5 @@ def test_base_fit_and_samples_statistics():
 
 def test_unknown_base_is_clear():
     c = torch.tensor([True])
-    with pytest.raises(ValueError, match="torsion base must be one of"):
+    with pytest.raises(ValueError, match="torsion must be one of"):
         CoordinateBase(c, torch.zeros(1), torch.ones(1), torsion="wrapped_cauchy")
