@@ -6,6 +6,7 @@ jsonargparse validates and documents ``Literal`` parameters on the command line 
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
@@ -14,7 +15,7 @@ def literal_choices(annotation: Any) -> tuple[Any, ...]:
     """The allowed values of a ``Literal`` (or ``Optional[Literal]``) annotation; ``()`` for other types."""
     if get_origin(annotation) is Literal:
         return get_args(annotation)
-    if get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if get_origin(annotation) in (typing.Union, types.UnionType):
         return tuple(v for arg in get_args(annotation) for v in literal_choices(arg))
     return ()
 
