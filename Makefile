@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow train data bench bench-nsf bench-ddp bench-tarflow bench-cnf clean
+.PHONY: setup test test-slow train data bench bench-nsf bench-ddp bench-tarflow bench-cnf bench-aldp clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The main job: split-channel NSF on alanine dipeptide (generates and caches 10 ns of MD on first
-# run, ~6 min, then trains ~19 min on 2 CPU cores); prints the checkpoint and the W&B offline run.
+# The main job: split-channel NSF on alanine dipeptide (generates and caches replica-exchange data on
+# first run, ~9 min on 2 cores, then trains ~19 min); prints the checkpoint and the W&B offline run.
 TRAIN_CONFIG ?= configs/aldp_nsf.yaml
 train: setup
 	$(VENV)/bin/bg fit --config $(TRAIN_CONFIG)
@@ -66,6 +66,14 @@ bench-cnf: setup
 		--trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir=$(CNF_RUNS)
 	$(PY) bench/cnf.py --checkpoint $$(ls -t $$(find $(CNF_RUNS) -name last.ckpt) | head -1) \
 		--data-config configs/aldp_cnf.yaml $(if $(COMPARE),--compare $(COMPARE),) --out bench/results/cnf_aldp.md
+
+# Alanine dipeptide against a long replica-exchange reference of its own (~30 min, once, kept in
+# bench/runs), then the newest `make train` checkpoints judged with 20,000 samples and OpenMM energies.
+ALDP_RUN ?= $(shell ls -td runs/bg/*/checkpoints 2>/dev/null | head -1)
+bench-aldp: setup
+	$(PY) bench/aldp_reference.py --iterations 16000 --out bench/results/aldp_reference.md
+	$(PY) bench/aldp_judge.py $(foreach c,$(wildcard $(ALDP_RUN)/best-*.ckpt $(ALDP_RUN)/last.ckpt),--checkpoint $(notdir $(c))=$(c)) \
+		--samples 20000 --out bench/results/aldp_judge.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -17,6 +17,7 @@ import time
 from dataclasses import fields
 
 from bg.systems import BUILTIN_SYSTEMS, MDSettings
+from bg.systems.replica_exchange import ReplicaExchangeSettings
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -24,20 +25,28 @@ def _data(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in fields(MDSettings) if getattr(args, f.name, None) is not None}
     settings = MDSettings(**{**DEFAULT_MD.__dict__, **overrides})
+    re_overrides = {f.name: getattr(args, "re_" + f.name) for f in fields(ReplicaExchangeSettings)
+                    if getattr(args, "re_" + f.name, None) is not None}
     dm = MDDataModule(system=args.system, topology=args.topology, trajectories=args.trajectories,
-                      stride=args.stride, cache_dir=args.cache_dir, md=settings, forcefield=args.forcefield,
+                      stride=args.stride, cache_dir=args.cache_dir, md=settings, generator=args.generator,
+                      replica_exchange=ReplicaExchangeSettings(**re_overrides), forcefield=args.forcefield,
                       temperature=args.temperature)
     start = time.time()
     system = dm.system
     print(f"system: {system.name}, {system.n_atoms} atoms, force field {' + '.join(system.forcefield)}, "
           f"{system.temperature} K")
-    if not dm.trajectory_patterns:
+    if not dm.trajectory_patterns and dm.generator == "replica_exchange":
+        r = dm.re_settings
+        print(f"replica exchange: {r.walkers} walkers × {r.n_replicas} replicas, {r.n_iterations} iterations of "
+              f"{r.steps_per_iteration} steps each into {dm.md_dir}")
+    elif not dm.trajectory_patterns:
         ns = settings.n_frames * settings.frame_interval_ps / 1000
         print(f"MD: {settings.n_frames} frames every {settings.frame_interval_ps} ps ({ns:g} ns) into {dm.md_dir}")
     dm.prepare_data()
     dm.setup()
     sizes = {k: len(v) for k, v in dm.positions.items()}
-    print(f"frames: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (contiguous blocks, stride {dm.stride})")
+    print(f"frames: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (contiguous blocks, stride "
+          f"{dm.stride}, {dm.split_gap} frames left out between blocks)")
     where = dm.md_dir if not dm.trajectory_patterns else ", ".join(map(str, dm.trajectory_paths()))
     print(f"data ready in {time.time() - start:.0f} s: {where}")
     return 0
@@ -54,12 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--trajectories", nargs="+", default=None, help="trajectory files or glob patterns")
     data.add_argument("--stride", type=int, default=1)
     data.add_argument("--cache-dir", default="data", help="where generated MD goes (default: ./data)")
+    data.add_argument("--generator", choices=["md", "replica_exchange"], default="md",
+                      help="how data of a built-in system are generated (default: md)")
     data.add_argument("--forcefield", default=None)
     data.add_argument("--temperature", type=float, default=300.0)
     md = data.add_argument_group("MD settings for generated data (defaults: 10 ns of alanine dipeptide)")
     for f in fields(MDSettings):
         kind = int if f.type in ("int", "int | None") else (float if f.type == "float" else str)
         md.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
+    rex = data.add_argument_group("replica-exchange settings (--generator replica_exchange)")
+    for f in fields(ReplicaExchangeSettings):
+        kind = int if f.type == "int" else (float if f.type == "float" else str)
+        rex.add_argument(f"--re-{f.name.replace('_', '-')}", dest="re_" + f.name, type=kind, default=None)
     data.set_defaults(func=_data)
     return parser
 

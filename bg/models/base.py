@@ -85,6 +85,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         self.sampler = sampler
         self.guard = NonFiniteStepGuard(max_skipped_in_a_row)
         self._resume_rng: Tensor | None = None
+        self.energy_evaluations = 0
         self.system: MolecularSystem | None = None
         self.target: LazyTargetEnergy | None = None
         self.density: CartesianDensity | None = None
@@ -159,7 +160,10 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         return self.target(x)
 
     def training_energy(self, x: Tensor) -> Tensor:
-        """``energy`` with the linear-logarithmic cut of huge values (for losses)."""
+        """``energy`` with the linear-logarithmic cut of huge values (for losses); counted in
+        ``energy_evaluations`` (frames), logged as ``train/energy_evaluations`` so that the ESS can be read
+        against the energy budget, as the literature reports it."""
+        self.energy_evaluations += len(x)
         return linlog_cut(self.energy(x), high=self.energy_cut)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -181,11 +185,50 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         xs, log_q = self.density.rsample(self.hparams.kl_batch_size)
         value = self.training_energy(xs) + log_q
         ok = torch.isfinite(value)
-        if self._trainer is not None:
-            self.log("train/kl_nonfinite", (~ok).sum().float(), on_step=True, on_epoch=False, batch_size=len(value))
+        self._log_nonfinite(ok)
         if not ok.any():
             raise FloatingPointError("every sample of the kl batch has a non-finite energy or density")
         return value[ok].mean()
+
+    def term_kl_path(self, x: Tensor) -> Tensor:
+        """Reverse KL with the path gradient (Vaitl et al. 2022, "Gradients should stay on path").
+
+        The gradient of E_q[u(x) + log q_θ(x)] has a score part, E_q[∇_θ log q_θ], whose expectation is zero
+        but whose variance does not vanish as q approaches the target; the path estimator keeps only
+        ∇_x(u + log q)(x) · ∂x/∂θ, which does vanish there. Computed as a surrogate: the gradient g of
+        u + log q at the (detached) samples, with the flow's parameters held fixed, then ⟨g, x_θ⟩. The value
+        returned has the reverse-KL gradient, its value is E_q[u + log q] (what ``kl`` reports).
+        Non-finite samples are dropped and counted (``train/kl_nonfinite``)."""
+        xs, _ = self.density.rsample(self.hparams.kl_batch_size)
+        xd = xs.detach().requires_grad_(True)
+        value = self.training_energy(xd) + self.density.log_prob(xd)
+        ok = torch.isfinite(value)
+        self._log_nonfinite(ok)
+        if not ok.any():
+            raise FloatingPointError("every sample of the kl_path batch has a non-finite energy or density")
+        (g,) = torch.autograd.grad(value[ok].sum(), xd)  # w.r.t. x only: the parameters' gradients untouched
+        g = torch.where(ok[:, None, None], g, torch.zeros_like(g))
+        surrogate = (g.to(xs.dtype) * xs).sum() / ok.sum()
+        return surrogate - surrogate.detach() + value[ok].detach().mean()
+
+    def term_fkl_is(self, x: Tensor) -> Tensor:
+        """Forward KL to the target estimated by importance sampling on the flow's own samples: −Σ w̄ log q(x)
+        with self-normalised weights w̄ ∝ exp(−u − log q) of ``kl_batch_size`` samples drawn without gradients.
+        Mass-covering where the flow puts samples (it pulls probability towards under-weighted regions, where
+        the reverse KL would let them go); its gradient is noisy while the ESS is low."""
+        with torch.no_grad():
+            xs, log_q = self.density.sample(self.hparams.kl_batch_size)
+            log_w = -self.training_energy(xs) - log_q
+            ok = torch.isfinite(log_w)
+            self._log_nonfinite(ok)
+            if not ok.any():
+                raise FloatingPointError("every sample of the fkl_is batch has a non-finite energy or density")
+            w = torch.softmax(log_w[ok], dim=0)
+        return -(w * self.density.log_prob(xs[ok])).sum()
+
+    def _log_nonfinite(self, ok: Tensor) -> None:
+        if self._trainer is not None:
+            self.log("train/kl_nonfinite", (~ok).sum().float(), on_step=True, on_epoch=False, batch_size=len(ok))
 
     def validation_loss(self, x: Tensor) -> tuple[str, Tensor]:
         """The held-out loss logged as ``val/<name>`` and ``test/<name>`` (default: the NLL)."""
@@ -225,6 +268,9 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/skipped_steps", float(self.guard.skipped), on_step=True, on_epoch=False, batch_size=1)
+        # this rank's count (under DDP every rank evaluates its own kl_batch_size)
+        self.log("train/energy_evaluations", float(self.energy_evaluations), on_step=True, on_epoch=False,
+                 batch_size=1)
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         name, value = self.validation_loss(batch[0])

@@ -10,6 +10,9 @@ Loss terms (weights come from the config or the ``LossStages`` callback):
   nm². The joint distance-matrix W2 would need an assignment problem per batch; the per-pair
   marginals are cheap, differentiable and were enough to keep the backbone geometry honest.
 - ``kl``: reverse KL up to a constant, E_q[u(x) + log q(x)] (``BoltzmannGenerator.term_kl``).
+- ``kl_path``: the same reverse KL with the path gradient (``BoltzmannGenerator.term_kl_path``): lower
+  variance near the target, the stable energy stage.
+- ``fkl_is``: forward KL by importance sampling on the flow's own samples (``BoltzmannGenerator.term_fkl_is``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class SplitChannelNSF(BoltzmannGenerator):
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
     """
 
-    loss_terms = ("nll", "w2", "kl")
+    loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is")
 
     def __init__(self, reduced: bool = True, split_channels: bool = True, conditioner: Conditioner = "gau",
                  backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8, width: int = 64, depth: int = 2,

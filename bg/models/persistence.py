@@ -39,6 +39,7 @@ class CheckpointHooks:
         checkpoint["bg_format"] = CHECKPOINT_FORMAT
         checkpoint["bg_loss_weights"] = dict(self.loss_weights)
         checkpoint["bg_skipped_steps"] = self.guard.skipped
+        checkpoint["bg_energy_evaluations"] = self.energy_evaluations
         checkpoint["bg_rng_state"] = torch.get_rng_state()  # an exact single-device resume
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -48,5 +49,6 @@ class CheckpointHooks:
             checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.key_renames)
         self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
         self.guard.skipped = int(checkpoint.get("bg_skipped_steps", 0))
+        self.energy_evaluations = int(checkpoint.get("bg_energy_evaluations", 0))
         self._resume_rng = checkpoint.get("bg_rng_state")
 

@@ -1,0 +1,161 @@
+"""ESS against wall time for maximum likelihood and each energy stage, at equal budget.
+
+Trains the alanine dipeptide NSF of a config with a fixed mix of loss terms for a wall-clock budget
+(from scratch, or continuing a checkpoint), evaluating ESS/n of ``--samples`` flow samples judged by
+the torch force field every ``--eval-every`` seconds of training (evaluation time is not counted).
+One row per call is appended to a JSON-lines file; ``--table`` renders the file as Markdown.
+
+    python bench/energy_stages.py --config configs/aldp_nsf.yaml --terms nll=1 --lr 1e-3 \\
+        --minutes 12 --save bench/runs/stages/ml.ckpt --out bench/runs/stages/rows.jsonl --label ML
+    python bench/energy_stages.py --config configs/aldp_nsf.yaml --init bench/runs/stages/ml.ckpt \\
+        --terms kl_path=1,nll=0.1 --lr 1e-4 --minutes 4 --out bench/runs/stages/rows.jsonl --label "path KL"
+    python bench/energy_stages.py --table bench/runs/stages/rows.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bg  # noqa: E402
+from bg.sampling.ess import kish_ess  # noqa: E402
+from datamodules import MDDataModule  # noqa: E402
+
+
+def data_and_model(config: Path, init: Path | None):
+    cfg = yaml.safe_load(config.read_text())
+    data_args = dict(cfg["data"]["init_args"])
+    for key in ("md", "replica_exchange"):
+        if isinstance(data_args.get(key), dict):
+            from bg.systems import MDSettings
+            from bg.systems.replica_exchange import ReplicaExchangeSettings
+
+            data_args[key] = (MDSettings if key == "md" else ReplicaExchangeSettings)(**data_args[key])
+    dm = MDDataModule(**data_args)
+    dm.prepare_data()
+    dm.setup("fit")
+    if init is not None:
+        model = bg.load_generator(init)
+    else:
+        from bg.models import SplitChannelNSF
+
+        model = SplitChannelNSF(**cfg["model"]["init_args"])
+        model.build(dm.system, dm.positions["train"])
+    return cfg, dm, model
+
+
+@torch.no_grad()
+def ess(model, n: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    model.eval()
+    out = model.proposal.weigh(n, model.energy)
+    model.train()
+    return float(kish_ess(out["log_w"]))  # already per sample
+
+
+def parse_terms(text: str) -> dict[str, float]:
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None)
+    terms = parse_terms(args.terms)
+    model.check_loss_weights(terms)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    batch = cfg["data"]["init_args"].get("batch_size", 256)
+    x = dm.positions["train"]
+    budget = args.minutes * 60.0
+    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed))]
+    print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f}", flush=True)
+    trained, step, next_eval = 0.0, 0, args.eval_every
+    while trained < budget:
+        t0 = time.perf_counter()
+        lr = args.lr_end + 0.5 * (args.lr - args.lr_end) * (1 + math.cos(math.pi * min(trained / budget, 1.0)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(x), (batch,))
+        opt.zero_grad()
+        loss = sum(w * getattr(model, f"term_{name}")(x[idx]).float() for name, w in terms.items() if w)
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+        step += 1
+        trained += time.perf_counter() - t0
+        if trained >= next_eval or trained >= budget:
+            next_eval += args.eval_every
+            curve.append((round(trained, 1), step, model.energy_evaluations, ess(model, args.samples, args.seed + step)))
+            print(f"[{args.label}] t={trained:.0f}s step {step} energy evals {model.energy_evaluations} "
+                  f"ESS/n {curve[-1][3]:.4f}", flush=True)
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        import lightning as L
+
+        ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": L.__version__}
+        model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
+        torch.save(ckpt, args.save)
+    return {"label": args.label, "terms": terms, "lr": args.lr, "init": args.init, "curve": curve,
+            "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = [f"Machine: {platform.node()} ({torch.get_num_threads()} torch threads, no GPU), torch {torch.__version__}; "
+           "ESS/n of flow samples judged by the torch force field; wall time of training only.", "",
+           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["curve"]
+        pts = ", ".join(f"{t:.0f}: {e:.3f}" for t, _, _, e in c[1:])
+        best = max(e for *_, e in c)
+        out.append(f"| {r['label']} | {', '.join(f'{k} {v:g}' for k, v in r['terms'].items())} | {r['lr']:g} | "
+                   f"{c[0][3]:.3f} | {pts} | {c[-1][2]:,} | {best:.3f} |")
+    out += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/aldp_nsf.yaml")
+    p.add_argument("--init", default=None, help="checkpoint to continue (default: a new flow from the config)")
+    p.add_argument("--terms", default="nll=1", help="loss terms and weights, e.g. kl_path=1,nll=0.1")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")
+    p.add_argument("--clip", type=float, default=100.0)
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between ESS evaluations")
+    p.add_argument("--samples", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="run")
+    p.add_argument("--save", default=None, help="write the trained generator's checkpoint here")
+    p.add_argument("--out", default=None, help="append the row (JSON lines)")
+    p.add_argument("--table", default=None, help="render a JSON-lines file as Markdown and exit")
+    args = p.parse_args()
+    if args.table:
+        print(table(Path(args.table)))
+        return
+    if args.lr_end is None:
+        args.lr_end = args.lr / 10
+    row = run(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Replica-exchange data (openmmtools): the exported frames are the target temperature's, the report is
+consistent, reruns resume instead of recomputing, the DataModule splits with the statistical gap."""
+
+import json
+
+import mdtraj as md
+import numpy as np
+import openmm
+import pytest
+from openmm import unit
+
+from bg.systems import aldp
+from bg.systems.replica_exchange import (ReplicaExchangeSettings, frame_files, replica_exchange,
+                                         statistical_inefficiency, walker_dir)
+from datamodules import MDDataModule
+
+TINY = ReplicaExchangeSettings(n_iterations=12, steps_per_iteration=50, n_replicas=3, max_temperature=450.0,
+                               equilibration_iterations=2, walkers=2, block_iterations=5)
+
+
+@pytest.fixture(scope="module")
+def re_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rex")
+    replica_exchange(aldp(), out, TINY, progress=False)
+    return out
+
+
+def test_frames_are_the_target_temperature_states_energies(re_dir):
+    from openmmtools import multistate
+
+    system = aldp()
+    files = frame_files(re_dir)
+    assert [f.name for f in files] == ["walker_00.dcd", "walker_01.dcd"]
+    frames = md.load(str(files[0]), top=system.topology).xyz
+    assert frames.shape == (TINY.n_iterations, system.n_atoms, 3)
+    # Independent check: OpenMM's reduced energy of each exported frame at 300 K equals what openmmtools
+    # stored for the replica that held the 300 K state at that iteration.
+    reporter = multistate.MultiStateReporter(str(walker_dir(re_dir, 0) / "storage.nc"), open_mode="r")
+    try:
+        state_of = np.asarray(reporter.read_replica_thermodynamic_states())
+        stored = reporter.read_energies()[0]
+    finally:
+        reporter.close()
+    context = openmm.Context(system.create_openmm_system(), openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+    kT = unit.MOLAR_GAS_CONSTANT_R * system.temperature * unit.kelvin
+    for i in (0, 5, TINY.n_iterations - 1):
+        it = TINY.equilibration_iterations + 1 + i
+        replica = int(np.nonzero(state_of[it] == 0)[0][0])
+        context.setPositions(frames[i].astype(np.float64) * unit.nanometer)
+        u = context.getState(getEnergy=True).getPotentialEnergy() / kT
+        assert u == pytest.approx(float(stored[it][replica, 0]), abs=2e-3)  # DCD stores float32 positions
+
+
+def test_report_and_rerun_resumes(re_dir):
+    report = json.loads((re_dir / "report.json").read_text())
+    assert report["target_frames"] == 2 * TINY.n_iterations
+    assert np.allclose(report["temperatures_K"], np.geomspace(300.0, 450.0, 3))
+    for w in report["walkers"]:
+        assert len(w["phi_positive_by_temperature"]) == 3 and len(w["neighbour_acceptance"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in w["neighbour_acceptance"])
+    assert report["statistical_inefficiency"] >= 1.0
+    before = [f.stat().st_mtime_ns for f in frame_files(re_dir)]
+    replica_exchange(aldp(), re_dir, TINY, progress=False)  # finished walkers are not run again
+    assert [f.stat().st_mtime_ns for f in frame_files(re_dir)] == before
+    with pytest.raises(ValueError, match="other settings"):
+        replica_exchange(aldp(), re_dir, ReplicaExchangeSettings(n_iterations=13, walkers=2), progress=False)
+
+
+def test_a_bad_ladder_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="max_temperature"):
+        replica_exchange(aldp(), tmp_path, ReplicaExchangeSettings(max_temperature=250.0), progress=False)
+
+
+def test_statistical_inefficiency_of_an_ar1_process():
+    rho, n = 0.8, 200_000
+    rng = np.random.default_rng(0)
+    x = np.empty(n)
+    x[0] = 0.0
+    noise = rng.normal(size=n)
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + noise[t]
+    assert statistical_inefficiency(x) == pytest.approx((1 + rho) / (1 - rho), rel=0.1)
+    assert statistical_inefficiency(np.ones(10)) == 1.0
+
+
+def test_datamodule_reads_the_walkers_and_leaves_the_gap(re_dir, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "aldp").mkdir(parents=True)
+    (cache / "aldp" / "replica_exchange").symlink_to(re_dir)
+    dm = MDDataModule(system="aldp", generator="replica_exchange", replica_exchange=TINY, cache_dir=str(cache),
+                      split=(0.5, 0.25, 0.25))
+    dm.prepare_data()  # finished: nothing to run
+    dm.setup()
+    gap = dm.split_gap
+    assert gap == int(np.ceil(json.loads((re_dir / "report.json").read_text())["statistical_inefficiency"]))
+    n = sum(len(v) for v in dm.positions.values())
+    assert n == 2 * TINY.n_iterations - 2 * gap
+    every = np.concatenate([md.load(str(f), top=aldp().topology).xyz for f in frame_files(re_dir)])
+    n_train = len(dm.positions["train"])
+    np.testing.assert_array_equal(dm.positions["train"].numpy(), every[:n_train])
+    np.testing.assert_array_equal(dm.positions["val"][0].numpy(), every[n_train + gap])
+    with pytest.raises(ValueError, match="generator"):
+        MDDataModule(system="aldp", generator="remd")
