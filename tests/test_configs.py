@@ -33,8 +33,8 @@ def test_training_configs_parse_and_build_every_component(path, tmp_path):
     from callbacks import LossStages, SampleEvaluation
 
     configured = yaml.safe_load(path.read_text())["loss"]["stages"]
-    first, scaled = next(iter(configured)), next(n for n, st in configured.items() if "w2" in st["weights"]) \
-        if any("w2" in st["weights"] for st in configured.values()) else (next(iter(configured)), None)
+    first = next(iter(configured))
+    scaled = next((n for n, st in configured.items() if "w2" in st["weights"]), None)  # a stage with W2, if any
     scale = ["--loss.weight_scale.w2=7.7"] if scaled is not None else []
     cli = BGCLI(args=["--config", str(path), "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
                       f"--trainer.logger.init_args.save_dir={tmp_path}", *scale, f"--loss.stages.{first}.epochs=3"],
