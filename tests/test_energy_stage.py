@@ -69,3 +69,28 @@ def test_importance_weighted_forward_kl_with_exact_weights_is_the_samples_nll(mo
     xs, log_q = model.density.sample(model.hparams.kl_batch_size)
     assert float(value) == pytest.approx(float(-log_q.mean()), rel=1e-5)
     assert model.energy_evaluations - before == model.hparams.kl_batch_size
+
+
+def test_mcmc_refined_nll_without_steps_is_the_nll_of_the_flows_samples(model_at_its_target):
+    model = model_at_its_target
+    model.hparams.mcmc_steps = 0
+    torch.manual_seed(4)
+    value = model.term_nll_mcmc(None)
+    torch.manual_seed(4)
+    _, log_q = model.density.sample(model.hparams.kl_batch_size)
+    assert float(value.detach()) == pytest.approx(float(-log_q.mean()), rel=1e-5)
+
+
+def test_mcmc_refinement_keeps_the_target_and_counts_its_energy_evaluations(model_at_its_target):
+    """At the target (q = p) the Metropolis-adjusted steps leave q invariant: the refined samples' NLL
+    matches the unrefined one within its standard error; every step evaluates the energy once per sample."""
+    model = model_at_its_target
+    model.hparams.mcmc_steps, model.hparams.mcmc_step_size = 5, 1e-6
+    before = model.energy_evaluations
+    torch.manual_seed(5)
+    refined = float(model.term_nll_mcmc(None).detach())
+    n = model.hparams.kl_batch_size
+    assert model.energy_evaluations - before == n * 6
+    torch.manual_seed(6)
+    _, log_q = model.density.sample(n)
+    assert refined == pytest.approx(float(-log_q.mean()), abs=4 * float(log_q.std()) / n**0.5)

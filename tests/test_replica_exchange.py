@@ -102,3 +102,31 @@ def test_datamodule_reads_the_walkers_and_leaves_the_gap(re_dir, tmp_path):
     np.testing.assert_array_equal(dm.positions["val"][0].numpy(), every[n_train + gap])
     with pytest.raises(ValueError, match="generator"):
         MDDataModule(system="aldp", generator="remd")
+
+
+def test_a_killed_run_resumes_from_the_storage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = dict(n_iterations=300, steps_per_iteration=50, n_replicas=2, max_temperature=400.0,
+                    equilibration_iterations=0, walkers=1, block_iterations=2)
+    script = ("import sys; from bg.systems import aldp; "
+              "from bg.systems.replica_exchange import ReplicaExchangeSettings, replica_exchange; "
+              f"replica_exchange(aldp(), sys.argv[1], ReplicaExchangeSettings(**{settings!r}), progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], start_new_session=True)
+    storage = walker_dir(tmp_path, 0) / "storage.nc"
+    deadline = time.time() + 120
+    log = walker_dir(tmp_path, 0) / "log.txt"
+    while not (storage.exists() and log.exists() and "at iteration" in log.read_text(errors="ignore")):
+        assert time.time() < deadline and proc.poll() is None, "the walker did not start"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not frame_files(tmp_path), "killed before the end: no frames exported yet"
+    replica_exchange(aldp(), tmp_path, ReplicaExchangeSettings(**settings), progress=False)
+    frames = md.load(str(frame_files(tmp_path)[0]), top=aldp().topology)
+    assert frames.n_frames == 300
+    assert "resumed at iteration" in log.read_text(errors="ignore")

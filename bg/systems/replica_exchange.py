@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,9 +118,10 @@ def _run_walker(system_dir: str, out_dir: str, settings: dict, walker: int, queu
     wdir = walker_dir(Path(out_dir), walker)
     wdir.mkdir(parents=True, exist_ok=True)
     # openmmtools' banners, citations and warnings go to the walker's log, not the user's terminal.
-    log = open(wdir / "log.txt", "a")
+    log = open(wdir / "log.txt", "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log  # also when the parent had replaced them (pytest, notebooks)
     cache, mcmc, multistate, states = _quiet_import()
     s = ReplicaExchangeSettings(**settings)
     system = MolecularSystem.load(system_dir)
@@ -130,6 +132,7 @@ def _run_walker(system_dir: str, out_dir: str, settings: dict, walker: int, queu
     if storage.exists():
         reporter = multistate.MultiStateReporter(str(storage), open_mode="a")
         sampler = multistate.ReplicaExchangeSampler.from_storage(reporter)
+        print(f"bg: walker {walker} resumed at iteration {sampler.iteration}", flush=True)
     else:
         omm = system.create_openmm_system()
         ladder = s.temperatures(system.temperature)
@@ -147,6 +150,7 @@ def _run_walker(system_dir: str, out_dir: str, settings: dict, walker: int, queu
     while sampler.iteration < s.total_iterations:
         n = min(s.block_iterations, s.total_iterations - sampler.iteration)
         sampler.run(n)
+        print(f"bg: walker {walker} at iteration {sampler.iteration}", flush=True)
         queue.put((walker, n))
     frames = wdir / "frames.dcd"
     _export(reporter, system, s, frames)
