@@ -54,7 +54,9 @@ def judge(label: str, ckpt: str, ref: dict, n: int, seed: int, batch: int) -> di
     phi_q, psi_q = phi_psi_atoms(top)
     angles = torch.cat([torsions(x, phi_q), torsions(x, psi_q)], 1)
     out = {"label": label, "checkpoint": ckpt, "n": n, "sample_s": t_sample, "openmm_s": t_omm,
-           "max_abs_du": float((u_torch - u_omm)[torch.isfinite(u_omm)].abs().max())}
+           # agreement where it matters (u < 100 kT); clashing samples reach 1e6 kT, where float64 rounding
+           # alone is several kT
+           "max_abs_du": float((u_torch - u_omm)[torch.isfinite(u_omm) & (u_omm < 100)].abs().max())}
     for name, u in (("openmm", u_omm), ("torch", u_torch)):
         log_w = -u - log_q
         out[f"ess_{name}"] = float(kish_ess(log_w))  # ESS/n
@@ -100,8 +102,8 @@ def main() -> None:
                      f"{r['phi_positive']:.4f} ± {r['phi_positive_sigma']:.4f} | {'yes' if r['phi_positive_ok'] else 'no'} | "
                      f"{r['torsion_w2_raw']:.4f} | {r['torsion_w2']:.4f} | {'yes' if r['torsion_w2_ok'] else 'no'} | "
                      f"{' / '.join(f'{v:.4f}' for v in r['basins'].values())} |")
-    lines += ["", f"{rows[0]['n']} samples per generator; largest |u_torch − u_OpenMM| over finite samples: "
-              f"{max(r['max_abs_du'] for r in rows):.2e} kT."]
+    lines += ["", f"{rows[0]['n']} samples per generator; largest |u_torch − u_OpenMM|: "
+              f"{max(r['max_abs_du'] for r in rows):.2e} kT over samples below 100 kT."]
     text = "\n".join(lines)
     print(text)
     if args.out:

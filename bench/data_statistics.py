@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     lines = [f"Machine: {platform.node()} (2 CPU cores). Command: `python bench/data_statistics.py {' '.join(args.dirs)}`", "",
-             "| data | generator | frames (interval) | φ>0 population (per trajectory) | statistical inefficiency g of φ>0 (frames) | effective frames | φ>0 first/last 80 % split |",
+             "| data | generator | frames (interval) | φ>0 population (per trajectory) | statistical inefficiency g of φ>0 (frames) | effective frames | φ>0 in the first 80 % / last 20 % (the train / held-out blocks) |",
              "|---|---|---|---|---|---|---|"]
     for item in args.dirs:
         label, path = item.split("=", 1)

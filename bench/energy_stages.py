@@ -72,6 +72,8 @@ def parse_terms(text: str) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None)
+    if args.kl_batch_size:
+        model.hparams.kl_batch_size = args.kl_batch_size
     terms = parse_terms(args.terms)
     model.check_loss_weights(terms)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                 "pytorch-lightning_version": L.__version__}
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
-    return {"label": args.label, "terms": terms, "lr": args.lr, "init": args.init, "curve": curve,
+    return {"label": args.label, "terms": terms, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
 
@@ -136,6 +138,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")
     p.add_argument("--clip", type=float, default=100.0)
+    p.add_argument("--kl-batch-size", type=int, default=None, help="flow samples per energy-term estimate")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between ESS evaluations")
     p.add_argument("--samples", type=int, default=5000)
