@@ -67,12 +67,12 @@ bench-cnf: setup
 	$(PY) bench/cnf.py --checkpoint $$(ls -t $$(find $(CNF_RUNS) -name last.ckpt) | head -1) \
 		--data-config configs/aldp_cnf.yaml $(if $(COMPARE),--compare $(COMPARE),) --out bench/results/cnf_aldp.md
 
-# Alanine dipeptide against a long replica-exchange reference of its own (~30 min, once, kept in
+# Alanine dipeptide against a long replica-exchange reference of its own (~17 min, once, kept in
 # bench/runs), then the newest `make train` checkpoints judged with 20,000 samples and OpenMM energies.
 ALDP_RUN ?= $(shell ls -td runs/bg/*/checkpoints 2>/dev/null | head -1)
 bench-aldp: setup
-	$(PY) bench/aldp_reference.py --iterations 16000 --out bench/results/aldp_reference.md
-	$(PY) bench/aldp_judge.py $(foreach c,$(wildcard $(ALDP_RUN)/best-*.ckpt $(ALDP_RUN)/last.ckpt),--checkpoint $(notdir $(c))=$(c)) \
+	$(PY) bench/aldp_reference.py --iterations 12000 --out bench/results/aldp_reference.md
+	$(PY) bench/aldp_judge.py $(foreach c,$(wildcard $(ALDP_RUN)/stage-end-*.ckpt $(ALDP_RUN)/best-*.ckpt $(ALDP_RUN)/last.ckpt),--checkpoint $(c)) \
 		--samples 20000 --out bench/results/aldp_judge.md
 
 clean:

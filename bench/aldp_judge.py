@@ -75,6 +75,17 @@ def judge(label: str, ckpt: str, ref: dict, n: int, seed: int, batch: int) -> di
     return out
 
 
+def label_and_path(item: str) -> tuple[str, str]:
+    """``label=path`` (Lightning's file names hold '=' too: the split is at the first '=' that leaves an
+    existing file) or a bare path (labelled by its file name)."""
+    if Path(item).exists():
+        return Path(item).name, item
+    for i, c in enumerate(item):
+        if c == "=" and Path(item[i + 1:]).exists():
+            return item[:i], item[i + 1:]
+    raise FileNotFoundError(f"{item}: no checkpoint there (give label=path or a path)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True, help="label=path (repeatable)")
@@ -86,7 +97,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ref = torch.load(ROOT / args.reference, weights_only=False)
-    rows = [judge(*item.split("=", 1), ref, args.samples, args.seed, args.batch) for item in args.checkpoint]
+    rows = [judge(*label_and_path(item), ref, args.samples, args.seed, args.batch) for item in args.checkpoint]
     cmd = "python bench/aldp_judge.py " + " ".join(f"--checkpoint {c}" for c in args.checkpoint) + \
         f" --samples {args.samples} --reference {args.reference}"
     lines = [f"Machine: {platform.node()} (2 CPU cores, no GPU), torch {torch.__version__}. Command: `{cmd}`", ""]

@@ -5,7 +5,7 @@ seed into ``--out-dir`` (kept out of git), then writes ``reference.pt`` there (�
 the φ > 0 population with its standard error from the statistical inefficiency, the split-half φ/ψ torsion
 W2 between the independent walkers: the noise floor) and a Markdown summary.
 
-    python bench/aldp_reference.py --iterations 16000 --out bench/results/aldp_reference.md
+    python bench/aldp_reference.py --iterations 12000 --out bench/results/aldp_reference.md
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def summarize(out_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="bench/runs/aldp_reference")
-    ap.add_argument("--iterations", type=int, default=16000, help="per walker (one 300 K frame each, 0.5 ps apart)")
+    ap.add_argument("--iterations", type=int, default=12000, help="per walker (one 300 K frame each, 0.5 ps apart)")
     ap.add_argument("--walkers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1001)
     ap.add_argument("--out", default=None, help="Markdown summary")
