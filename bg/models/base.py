@@ -187,10 +187,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         the energy cut above ``energy_cut`` kT; non-finite samples are dropped and counted (``train/kl_nonfinite``)."""
         xs, log_q = self.density.rsample(self.hparams.kl_batch_size)
         value = self.training_energy(xs) + log_q
-        ok = torch.isfinite(value)
-        self._log_nonfinite(ok)
-        if not ok.any():
-            raise FloatingPointError("every sample of the kl batch has a non-finite energy or density")
+        ok = self._finite(value, "kl")
         return value[ok].mean()
 
     def term_kl_path(self, x: Tensor) -> Tensor:
@@ -205,10 +202,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         xs, _ = self.density.rsample(self.hparams.kl_batch_size)
         xd = xs.detach().requires_grad_(True)
         value = self.training_energy(xd) + self.density.log_prob(xd)
-        ok = torch.isfinite(value)
-        self._log_nonfinite(ok)
-        if not ok.any():
-            raise FloatingPointError("every sample of the kl_path batch has a non-finite energy or density")
+        ok = self._finite(value, "kl_path")
         (g,) = torch.autograd.grad(value[ok].sum(), xd)  # w.r.t. x only: the parameters' gradients untouched
         g = torch.where(ok[:, None, None], g, torch.zeros_like(g))
         surrogate = (g.to(xs.dtype) * xs).sum() / ok.sum()
@@ -222,10 +216,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         with torch.no_grad():
             xs, log_q = self.density.sample(self.hparams.kl_batch_size)
             log_w = -self.training_energy(xs) - log_q
-            ok = torch.isfinite(log_w)
-            self._log_nonfinite(ok)
-            if not ok.any():
-                raise FloatingPointError("every sample of the fkl_is batch has a non-finite energy or density")
+            ok = self._finite(log_w, "fkl_is")
             w = torch.softmax(log_w[ok], dim=0)
         return -(w * self.density.log_prob(xs[ok])).sum()
 
@@ -249,7 +240,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
 
         with torch.no_grad():
             xs, _ = self.density.sample(n)
-        kernel, particles, accepted = MALA(self.hparams.mcmc_step_size), None, 0
+        kernel, accepted = MALA(self.hparams.mcmc_step_size), 0
         particles = Particles(xs, *evaluate(xs))
         for _ in range(self.hparams.mcmc_steps):
             particles, k = kernel.step(particles, 1.0, evaluate)
@@ -258,15 +249,18 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             self.log("train/mcmc_acceptance", accepted / (n * self.hparams.mcmc_steps), on_step=True,
                      on_epoch=False, batch_size=n)
         log_q = self.density.log_prob(particles.x.detach().to(xs.dtype))
-        ok = torch.isfinite(log_q)
-        self._log_nonfinite(ok)
-        if not ok.any():
-            raise FloatingPointError("every refined sample of the nll_mcmc batch has a non-finite density")
+        ok = self._finite(log_q, "nll_mcmc")
         return -log_q[ok].mean()
 
-    def _log_nonfinite(self, ok: Tensor) -> None:
+    def _finite(self, value: Tensor, term: str) -> Tensor:
+        """The mask of finite per-sample values ``(B,)`` of an energy term; the others are counted
+        (``train/kl_nonfinite``) and dropped by the caller; none finite is an error."""
+        ok = torch.isfinite(value)
         if self._trainer is not None:
             self.log("train/kl_nonfinite", (~ok).sum().float(), on_step=True, on_epoch=False, batch_size=len(ok))
+        if not ok.any():
+            raise FloatingPointError(f"every sample of the {term} batch has a non-finite energy or density")
+        return ok
 
     def validation_loss(self, x: Tensor) -> tuple[str, Tensor]:
         """The held-out loss logged as ``val/<name>`` and ``test/<name>`` (default: the NLL)."""

@@ -22,10 +22,13 @@ not bitwise: openmmtools draws the Langevin noise from OpenMM's own seeds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import multiprocessing as mp
 import os
+import queue as queue_module
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,6 +38,7 @@ import mdtraj as md
 import numpy as np
 from tqdm.auto import tqdm
 
+from bg.systems.simulate import start_run_dir
 from bg.systems.system import MolecularSystem
 
 
@@ -96,16 +100,18 @@ def frame_files(out_dir: str | Path) -> list[Path]:
     return sorted((Path(out_dir) / "frames").glob("walker_*.dcd"))
 
 
-def _quiet_import():
-    # openmmtools/pymbar print banners and warnings on import; keep the user's terminal readable.
-    with warnings.catch_warnings():
+@contextlib.contextmanager
+def _quietly():
+    """openmmtools/pymbar print banners and warnings on import; keep the user's terminal readable."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        import contextlib
-        import io
+        yield
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            import openmmtools  # noqa: F401
-            from openmmtools import cache, mcmc, multistate, states  # noqa: F401
+
+def _quiet_import():
+    with _quietly():
+        import openmmtools  # noqa: F401
+        from openmmtools import cache, mcmc, multistate, states  # noqa: F401
     return cache, mcmc, multistate, states
 
 
@@ -201,13 +207,9 @@ def statistical_inefficiency(series: np.ndarray) -> float:
     series = np.asarray(series, dtype=float)
     if len(series) < 3 or np.ptp(series) == 0:
         return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import contextlib
-        import io
+    with _quietly():
+        from pymbar import timeseries
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            from pymbar import timeseries
         return float(timeseries.statistical_inefficiency(series))
 
 
@@ -231,19 +233,8 @@ def replica_exchange(
     settings = settings or ReplicaExchangeSettings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / "replica_exchange.json"
-    meta = {"settings": asdict(settings), "n_atoms": system.n_atoms, "temperature": system.temperature,
-            "forcefield": list(system.forcefield)}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        mismatch = {k for k in meta if old.get(k) != meta[k]}
-        if mismatch:
-            raise ValueError(f"{out_dir} holds a replica-exchange run with other settings "
-                             f"({', '.join(sorted(mismatch))}); use a new directory or delete it to start over")
-    else:
-        settings.temperatures(system.temperature)  # a bad ladder fails here, not in the workers
-        system.save(out_dir)
-        meta_path.write_text(json.dumps(meta, indent=2))
+    settings.temperatures(system.temperature)  # a bad ladder fails here, not in the workers
+    start_run_dir(out_dir, "replica_exchange.json", system, settings, "a replica-exchange run")
     todo = [w for w in range(settings.walkers) if not (out_dir / "frames" / f"walker_{w:02d}.dcd").exists()]
     if todo:
         _run_walkers(out_dir, settings, todo, progress, system.name)
@@ -270,7 +261,7 @@ def _run_walkers(out_dir: Path, settings: ReplicaExchangeSettings, todo: list[in
             try:
                 _, n = queue.get(timeout=1.0)
                 bar.update(n)
-            except Exception:
+            except queue_module.Empty:
                 pass
     finally:
         bar.close()

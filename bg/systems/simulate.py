@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mdtraj as md
 import numpy as np
@@ -82,6 +83,26 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def start_run_dir(out_dir: Path, meta_name: str, system: MolecularSystem, settings: Any, kind: str) -> None:
+    """Claim ``out_dir`` for a resumable run of ``system`` with ``settings`` (a dataclass): a new directory gets
+    the system (``MolecularSystem.save``) and ``meta_name``; an existing one must hold the same run, else a
+    ``ValueError`` names what differs (``kind`` says what the run is, e.g. "an MD run")."""
+    meta_path = out_dir / meta_name
+    meta = {"settings": asdict(settings), "n_atoms": system.n_atoms, "temperature": system.temperature,
+            "forcefield": list(system.forcefield)}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        mismatch = {k for k in meta if old.get(k) != meta[k]}
+        if mismatch:
+            raise ValueError(
+                f"{out_dir} holds {kind} with other settings ({', '.join(sorted(mismatch))}); "
+                "use a new directory or delete it to start over"
+            )
+    else:
+        system.save(out_dir)
+        _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+
+
 def completed_chunks(out_dir: str | Path) -> list[int]:
     """Chunk indices whose frames and state are both on disk."""
     chunks = Path(out_dir) / "chunks"
@@ -122,20 +143,7 @@ def simulate(
     out_dir = Path(out_dir)
     chunks_dir = out_dir / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / "md.json"
-    meta = {"settings": asdict(settings), "n_atoms": system.n_atoms, "temperature": system.temperature,
-            "forcefield": list(system.forcefield)}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        mismatch = {k for k in meta if old.get(k) != meta[k]}
-        if mismatch:
-            raise ValueError(
-                f"{out_dir} holds an MD run with other settings ({', '.join(sorted(mismatch))}); "
-                "use a new directory or delete it to start over"
-            )
-    else:
-        system.save(out_dir)
-        _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    start_run_dir(out_dir, "md.json", system, settings, "an MD run")
 
     n_chunks = -(-settings.n_frames // settings.chunk_frames)
     done = completed_chunks(out_dir)
