@@ -70,6 +70,9 @@ def test_report_and_rerun_resumes(re_dir):
 def test_a_bad_ladder_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="max_temperature"):
         replica_exchange(aldp(), tmp_path, ReplicaExchangeSettings(max_temperature=250.0), progress=False)
+    assert not (tmp_path / "replica_exchange.json").exists()
+    with pytest.raises(ValueError, match="n_iterations must be positive"):
+        ReplicaExchangeSettings(n_iterations=0)
 
 
 def test_statistical_inefficiency_of_an_ar1_process():
