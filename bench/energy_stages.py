@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bg  # noqa: E402
+from bg.analysis import phi_psi  # noqa: E402
 from bg.sampling.ess import kish_ess  # noqa: E402
 from datamodules import MDDataModule  # noqa: E402
 
 
-def data_and_model(config: Path, init: Path | None):
+def data_and_model(config: Path, init: Path | None, model_options: dict | None = None):
     cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["init_args"].update(model_options or {})
     data_args = dict(cfg["data"]["init_args"])
     for key in ("md", "replica_exchange"):
         if isinstance(data_args.get(key), dict):
@@ -57,11 +59,15 @@ def data_and_model(config: Path, init: Path | None):
 
 
 @torch.no_grad()
-def ess(model, n: int, seed: int) -> float:
+def ess(model, n: int, seed: int, phi_positive: list | None = None) -> float:
+    """ESS/n of ``n`` flow samples (torch force field); appends their raw φ > 0 fraction to ``phi_positive``."""
     torch.manual_seed(seed)
     model.eval()
     out = model.proposal.weigh(n, model.energy)
     model.train()
+    if phi_positive is not None:
+        phi, _ = phi_psi(out["x"], model.system.topology)
+        phi_positive.append(round(float((phi > 0).double().mean()), 4))
     return float(kish_ess(out["log_w"]))  # already per sample
 
 
@@ -71,7 +77,8 @@ def parse_terms(text: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None)
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.model.split(","))} if args.model else {}
+    cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options)
     if args.kl_batch_size:
         model.hparams.kl_batch_size = args.kl_batch_size
     terms = parse_terms(args.terms)
@@ -80,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
     batch = cfg["data"]["init_args"].get("batch_size", 256)
     x = dm.positions["train"]
     budget = args.minutes * 60.0
-    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed))]
+    phi_positive: list[float] = []
+    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, phi_positive))]
     print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f}", flush=True)
     trained, step, next_eval = 0.0, 0, args.eval_every
     while trained < budget:
@@ -99,9 +107,10 @@ def run(args: argparse.Namespace) -> dict:
         trained += time.perf_counter() - t0
         if trained >= next_eval or trained >= budget:
             next_eval += args.eval_every
-            curve.append((round(trained, 1), step, model.energy_evaluations, ess(model, args.samples, args.seed + step)))
+            curve.append((round(trained, 1), step, model.energy_evaluations,
+                          ess(model, args.samples, args.seed + step, phi_positive)))
             print(f"[{args.label}] t={trained:.0f}s step {step} energy evals {model.energy_evaluations} "
-                  f"ESS/n {curve[-1][3]:.4f}", flush=True)
+                  f"ESS/n {curve[-1][3]:.4f} raw φ>0 {phi_positive[-1]:.4f}", flush=True)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         import lightning as L
@@ -111,21 +120,27 @@ def run(args: argparse.Namespace) -> dict:
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
     return {"label": args.label, "terms": terms, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
+            "phi_positive": phi_positive,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+
+
+def phi_range(row: dict) -> str:
+    phi = row.get("phi_positive")  # rows written before the column existed have none
+    return f"{phi[0]:.3f} → {phi[-1]:.3f}" if phi else "–"
 
 
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = [f"Machine: {platform.node()} ({torch.get_num_threads()} torch threads, no GPU), torch {torch.__version__}; "
            "ESS/n of flow samples judged by the torch force field; wall time of training only.", "",
-           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best |",
-           "|---|---|---|---|---|---|---|"]
+           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best | raw φ>0 start → end |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
         pts = ", ".join(f"{t:.0f}: {e:.3f}" for t, _, _, e in c[1:])
         best = max(e for *_, e in c)
         out.append(f"| {r['label']} | {', '.join(f'{k} {v:g}' for k, v in r['terms'].items())} | {r['lr']:g} | "
-                   f"{c[0][3]:.3f} | {pts} | {c[-1][2]:,} | {best:.3f} |")
+                   f"{c[0][3]:.3f} | {pts} | {c[-1][2]:,} | {best:.3f} | {phi_range(r)} |")
     out += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
     return "\n".join(out)
 
@@ -134,6 +149,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/aldp_nsf.yaml")
     p.add_argument("--init", default=None, help="checkpoint to continue (default: a new flow from the config)")
+    p.add_argument("--model", default="", help="model options over the config's, e.g. coupling_masks=shuffled,bins=12")
     p.add_argument("--terms", default="nll=1", help="loss terms and weights, e.g. kl_path=1,nll=0.1")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")

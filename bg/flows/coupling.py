@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from bg.choices import check_choices
 from bg.flows.chain import run_chain
 from bg.flows.conditioners import coordinate_features
 from bg.flows.splines import circular_rq_spline, rq_spline
+
+CouplingMasks = Literal["interleaved", "shuffled"]
 
 
 class SplineCoupling(nn.Module):
@@ -85,12 +89,18 @@ class SplitChannelFlow(nn.Module):
         make_conditioner: ``n_params -> nn.Module`` building a fresh conditioner per coupling.
         backbone_layers, sidechain_layers: couplings per channel (even numbers transform each half).
         bins: spline bins.
+        masks: ``"interleaved"``: every pair of couplings splits the channel the same way (alternate
+            coordinates by index); ``"shuffled"``: each pair splits it by a fresh permutation (fixed: drawn
+            from a generator seeded by the pair's index), so every two coordinates condition each other
+            directly in some coupling. With interleaved halves the angle and torsion of one atom (indices
+            differing by the odd number of angles) always sit in the same half.
     """
 
     def __init__(self, backbone: Tensor, circular: Tensor, low: Tensor, high: Tensor,
                  make_conditioner: Callable[[int], nn.Module], backbone_layers: int = 4, sidechain_layers: int = 4,
-                 bins: int = 8):
+                 bins: int = 8, masks: CouplingMasks = "interleaved"):
         super().__init__()
+        check_choices(SplitChannelFlow.__init__, dict(masks=masks))
         backbone = backbone.bool()
         layers = []
         for channel, n_layers, visible in ((backbone, backbone_layers, backbone),
@@ -98,9 +108,13 @@ class SplitChannelFlow(nn.Module):
             idx = torch.nonzero(channel).flatten()
             if len(idx) == 0:
                 continue
-            halves = [torch.zeros_like(channel), torch.zeros_like(channel)]
-            halves[0][idx[0::2]], halves[1][idx[1::2]] = True, True
             for i in range(n_layers):
+                if i % 2 == 0:
+                    order = idx
+                    if masks == "shuffled" and i > 0:
+                        order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(i // 2))]
+                    halves = [torch.zeros_like(channel), torch.zeros_like(channel)]
+                    halves[0][order[0::2]], halves[1][order[1::2]] = True, True
                 t = halves[i % 2]
                 if not t.any():
                     continue

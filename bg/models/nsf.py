@@ -27,7 +27,8 @@ from bg.coordinates import InternalCoordinates
 from bg.flows import CartesianDensity, neural_spline_flow
 from bg.flows.conditioners import AbsoluteEmbedding, GAUTokens
 from bg.flows.distributions import BoundedBase, TorsionBase
-from bg.flows.nsf import Conditioner
+from bg.flows.coupling import CouplingMasks
+from bg.flows.nsf import Conditioner, NarrowTorsions
 from bg.metrics import pairwise_distances
 from bg.models.base import BoltzmannGenerator
 from bg.systems import MolecularSystem
@@ -41,9 +42,12 @@ class SplitChannelNSF(BoltzmannGenerator):
         reduced: freeze side-chain bonds and angles at their training means (proteins); ``False``
             models every internal coordinate (alanine dipeptide, comparable with the literature).
         split_channels, conditioner, backbone_layers, sidechain_layers, bins, width, depth, attention_dim,
-            absolute_position, rotary, tokens, base_bounded, base_torsion, bound_margin: the flow, see
-            ``bg.flows.neural_spline_flow`` (``bound_margin``: the spline interval of a bond/angle is the
-            training range widened by this fraction of it on each side).
+            absolute_position, rotary, tokens, base_bounded, base_torsion, bound_margin, narrow_torsions: the
+            flow, see ``bg.flows.neural_spline_flow`` (``bound_margin``: the spline interval of a bond/angle is
+            the training range widened by this fraction of it on each side; ``narrow_torsions``: ``"bounded"``
+            models torsions that stay within 45° of their mean, such as dihedrals relative to a
+            sibling atom, as recentred bounded coordinates, ``"circular"`` keeps every torsion on the circle;
+            ``coupling_masks``: ``"shuffled"`` splits the coordinates differently in every pair of couplings).
         w2_batch_size: generated samples per ``w2`` evaluation (the data batch is matched to it).
         kl_batch_size: samples per ``kl`` evaluation.
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
@@ -55,7 +59,9 @@ class SplitChannelNSF(BoltzmannGenerator):
                  backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8, width: int = 64, depth: int = 2,
                  attention_dim: int = 32, absolute_position: AbsoluteEmbedding = "sinusoidal", rotary: bool = True,
                  tokens: GAUTokens = "residue", base_bounded: BoundedBase = "truncated_normal",
-                 base_torsion: TorsionBase = "uniform", bound_margin: float = 0.25, w2_batch_size: int = 256,
+                 base_torsion: TorsionBase = "uniform", bound_margin: float = 0.25,
+                 narrow_torsions: NarrowTorsions = "bounded", coupling_masks: CouplingMasks = "interleaved",
+                 w2_batch_size: int = 256,
                  kl_batch_size: int = 256, **kwargs):
         super().__init__(**kwargs)
 
