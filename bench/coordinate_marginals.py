@@ -14,7 +14,6 @@ found (bench/results/aldp_marginals.md).
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import shlex
 import sys
@@ -28,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bg  # noqa: E402
+from bg.coordinates.geometry import wrap_angle  # noqa: E402
 from energy_stages import data_and_model  # noqa: E402
 
 
 def centred(z: Tensor, circular: Tensor, centre: Tensor) -> Tensor:
     """Torsions as the wrapped difference to ``centre``; other coordinates unchanged."""
-    return torch.where(circular, torch.remainder(z - centre + math.pi, 2 * math.pi) - math.pi, z)
+    return torch.where(circular, wrap_angle(z - centre), z)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bg.choices import check_choices
+from bg.coordinates.geometry import wrap_angle
 from bg.flows.base import Flow
 from bg.flows.conditioners import AbsoluteEmbedding, GAUConditioner, GAUTokens, MLPConditioner
 from bg.flows.coupling import CouplingMasks, SplineCoupling, SplitChannelFlow
@@ -24,11 +25,6 @@ from bg.flows.distributions import BoundedBase, CoordinateBase, TorsionBase
 Conditioner = Literal["gau", "mlp"]
 NarrowTorsions = Literal["bounded", "circular"]
 BOND, ANGLE, TORSION = 0, 1, 2
-
-
-def wrap(angle: Tensor) -> Tensor:
-    """Angles (rad) wrapped to [−π, π)."""
-    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
 
 
 class InternalFlow(Flow):
@@ -74,12 +70,12 @@ class InternalFlow(Flow):
     def _recentre(self, z: Tensor) -> Tensor:
         if not self.recentred.any():
             return z
-        return torch.where(self.recentred, wrap(z - self.centre.to(z.dtype)), z)
+        return torch.where(self.recentred, wrap_angle(z - self.centre.to(z.dtype)), z)
 
     def _uncentre(self, z: Tensor) -> Tensor:
         if not self.recentred.any():
             return z
-        return torch.where(self.recentred, wrap(z + self.centre.to(z.dtype)), z)
+        return torch.where(self.recentred, wrap_angle(z + self.centre.to(z.dtype)), z)
 
     @torch.no_grad()
     def fit(self, z: Tensor) -> "InternalFlow":
@@ -87,7 +83,7 @@ class InternalFlow(Flow):
         then the base statistics."""
         torsion = self.kinds == TORSION
         centre = torch.atan2(torch.sin(z).mean(0), torch.cos(z).mean(0))
-        narrow = torsion & (wrap(z - centre).abs().max(0).values < math.pi / 4)
+        narrow = torsion & (wrap_angle(z - centre).abs().max(0).values < math.pi / 4)
         if self.narrow_torsions == "circular":
             narrow = torch.zeros_like(narrow)
         self.recentred.copy_(narrow)
