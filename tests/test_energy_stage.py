@@ -94,3 +94,45 @@ def test_mcmc_refinement_keeps_the_target_and_counts_its_energy_evaluations(mode
     torch.manual_seed(6)
     _, log_q = model.density.sample(n)
     assert refined == pytest.approx(float(-log_q.mean()), abs=4 * float(log_q.std()) / n**0.5)
+
+
+def test_log_variance_vanishes_with_its_gradient_at_the_target(model_at_its_target, aldp_frames):
+    """q = p: log w is the same constant on flow samples and on data frames, so the term and its gradient are
+    zero (the reverse KL's score-function gradient is not: it is only zero in expectation)."""
+    model = model_at_its_target
+    data = torch.as_tensor(aldp_frames[100:164], dtype=torch.float32)
+    before = model.energy_evaluations
+    torch.manual_seed(7)
+    value = model.term_logvar(data)
+    assert abs(float(value.detach())) < 1e-8
+    assert _grad(model, value).norm() < 1e-4
+    assert model.energy_evaluations - before == model.hparams.kl_batch_size + len(data)
+
+
+def test_log_variance_ignores_the_unknown_normalising_constant(aldp_system, aldp_frames, tiny_nsf_kwargs):
+    """Away from the target, u → u + c (the log partition function nobody knows) changes neither the term
+    nor its gradient; the data frames contribute to both."""
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**{**tiny_nsf_kwargs, "kl_batch_size": 64})
+    model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
+    # target: the untrained flow (energies of a few tens of kT: linlog_cut, which is not shift-invariant, stays
+    # linear); q: the flow after a few ML steps
+    frozen = copy.deepcopy(model.density).requires_grad_(False)
+    energy = lambda xs: -frozen.log_prob(xs)  # noqa: E731
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(10):
+        opt.zero_grad()
+        model.term_nll(torch.as_tensor(aldp_frames[:100], dtype=torch.float32)).backward()
+        opt.step()
+    data = torch.as_tensor(aldp_frames[100:164], dtype=torch.float32)
+    values, grads = [], []
+    for shift, frames in ((0.0, data), (123.0, data), (0.0, data[:0])):
+        model.target = lambda xs, shift=shift: energy(xs) + shift
+        torch.manual_seed(8)
+        value = model.term_logvar(frames)
+        values.append(float(value.detach()))
+        grads.append(_grad(model, value))
+    assert values[0] > 0
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6 * float(grads[0].abs().max()))
+    assert values[2] != pytest.approx(values[0], rel=1e-3)

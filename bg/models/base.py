@@ -220,6 +220,27 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             w = torch.softmax(log_w[ok], dim=0)
         return -(w * self.density.log_prob(xs[ok])).sum()
 
+    # log-weight deviations beyond this many nats count linearly (Huber): a clashing sample 1e6 kT up must
+    # not own the gradient
+    logvar_huber = 5.0
+
+    def term_logvar(self, x: Tensor) -> Tensor:
+        """Log-variance divergence (Richter et al. 2020): the spread of log w = −u − log q over ``kl_batch_size``
+        flow samples drawn without gradients *and* the data frames ``x``, about its mean (Huber beyond
+        ``logvar_huber`` nats). Zero only where q ∝ exp(−u) on both sets. ESS/n ≈ exp(−Var log w) for
+        near-lognormal weights, so this is the quantity the ESS reads. On flow samples its gradient is
+        the reverse KL's (it pushes q down where q ≫ p, e.g. steric walls); on the data it pulls q up where
+        q ≪ p (the rare basins) without the NLL's overfitting: its target there is −u, not a spike."""
+        with torch.no_grad():
+            xs, _ = self.density.sample(self.hparams.kl_batch_size)
+        pool = torch.cat([xs, x.to(xs.dtype)])
+        with torch.no_grad():
+            u = self.training_energy(pool)
+        log_w = -u - self.density.log_prob(pool)
+        ok = self._finite(log_w, "logvar")
+        d = log_w[ok] - log_w[ok].detach().mean()
+        return torch.nn.functional.huber_loss(d, torch.zeros_like(d), delta=self.logvar_huber) * 2
+
     def term_nll_mcmc(self, x: Tensor) -> Tensor:
         """NLL of the flow's own samples after ``mcmc_steps`` Metropolis-adjusted Langevin steps targeting
         exp(−u): the steps leave the target invariant and bring q's samples closer to it (most of all in the

@@ -13,6 +13,8 @@ Loss terms (weights come from the config or the ``LossStages`` callback):
 - ``kl_path``: the same reverse KL with the path gradient (``BoltzmannGenerator.term_kl_path``): lower
   variance near the target, the stable energy stage.
 - ``fkl_is``: forward KL by importance sampling on the flow's own samples (``BoltzmannGenerator.term_fkl_is``).
+- ``logvar``: variance of the log importance weights over flow samples and data frames
+  (``BoltzmannGenerator.term_logvar``), the energy stage of the alanine dipeptide recipes.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class SplitChannelNSF(BoltzmannGenerator):
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
     """
 
-    loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is", "nll_mcmc")
+    loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is", "logvar", "nll_mcmc")
 
     def __init__(self, reduced: bool = True, split_channels: bool = True, conditioner: Conditioner = "gau",
                  backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8, width: int = 64, depth: int = 2,
