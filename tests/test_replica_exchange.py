@@ -1,7 +1,9 @@
 """Replica-exchange data (openmmtools): the exported frames are the target temperature's, the report is
 consistent, reruns resume instead of recomputing, the DataModule splits with the statistical gap."""
 
+import dataclasses
 import json
+import shutil
 
 import mdtraj as md
 import numpy as np
@@ -63,8 +65,23 @@ def test_report_and_rerun_resumes(re_dir):
     before = [f.stat().st_mtime_ns for f in frame_files(re_dir)]
     replica_exchange(aldp(), re_dir, TINY, progress=False)  # finished walkers are not run again
     assert [f.stat().st_mtime_ns for f in frame_files(re_dir)] == before
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(n_iterations: 12 here, 13 asked; steps_per"):
         replica_exchange(aldp(), re_dir, ReplicaExchangeSettings(n_iterations=13, walkers=2), progress=False)
+
+
+def test_more_walkers_add_independent_runs_beside_the_finished_ones(re_dir, tmp_path):
+    shutil.copytree(re_dir, tmp_path / "rex")
+    grown = tmp_path / "rex"
+    before = [f.stat().st_mtime_ns for f in frame_files(grown)]
+    replica_exchange(aldp(), grown, dataclasses.replace(TINY, walkers=3), progress=False)
+    files = frame_files(grown)
+    assert len(files) == 3 and [f.stat().st_mtime_ns for f in files[:2]] == before
+    assert json.loads((grown / "report.json").read_text())["target_frames"] == 3 * TINY.n_iterations
+    # the third walker is its own run (seed + 2), not a copy of the others
+    assert not np.allclose(md.load(str(files[2]), top=str(grown / "topology.pdb")).xyz,
+                           md.load(str(files[1]), top=str(grown / "topology.pdb")).xyz)
+    with pytest.raises(ValueError, match="walkers: 3 here, 2 asked"):
+        replica_exchange(aldp(), grown, TINY, progress=False)
 
 
 def test_a_bad_ladder_is_refused_before_any_work(tmp_path):

@@ -234,7 +234,8 @@ def replica_exchange(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings.temperatures(system.temperature)  # a bad ladder fails here, not in the workers
-    start_run_dir(out_dir, "replica_exchange.json", system, settings, "a replica-exchange run")
+    # more walkers later add independent runs beside the finished ones (a longer reference, say)
+    start_run_dir(out_dir, "replica_exchange.json", system, settings, "a replica-exchange run", may_grow=("walkers",))
     todo = [w for w in range(settings.walkers) if not (out_dir / "frames" / f"walker_{w:02d}.dcd").exists()]
     if todo:
         _run_walkers(out_dir, settings, todo, progress, system.name)

@@ -83,21 +83,31 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def start_run_dir(out_dir: Path, meta_name: str, system: MolecularSystem, settings: Any, kind: str) -> None:
+def start_run_dir(out_dir: Path, meta_name: str, system: MolecularSystem, settings: Any, kind: str,
+                  may_grow: tuple[str, ...] = (), free: tuple[str, ...] = ("platform", "threads")) -> None:
     """Claim ``out_dir`` for a resumable run of ``system`` with ``settings`` (a dataclass): a new directory gets
     the system (``MolecularSystem.save``) and ``meta_name``; an existing one must hold the same run, else a
-    ``ValueError`` names what differs (``kind`` says what the run is, e.g. "an MD run")."""
+    ``ValueError`` names each setting that differs (``kind`` says what the run is, e.g. "an MD run").
+    Settings named in ``may_grow`` may increase (e.g. more independent walkers beside the finished ones); those in
+    ``free`` change no physics (where and on how many threads it runs) and may differ."""
     meta_path = out_dir / meta_name
     meta = {"settings": asdict(settings), "n_atoms": system.n_atoms, "temperature": system.temperature,
             "forcefield": list(system.forcefield)}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        mismatch = {k for k in meta if old.get(k) != meta[k]}
+        old_settings = old.get("settings") or {}
+        mismatch = [f"{k}: {old.get(k)} here, {meta[k]} asked" for k in meta if k != "settings" and old.get(k) != meta[k]]
+        for k, v in meta["settings"].items():
+            before = old_settings.get(k)
+            if before != v and k not in free and not (k in may_grow and before is not None and v > before):
+                mismatch.append(f"{k}: {before} here, {v} asked")
         if mismatch:
             raise ValueError(
-                f"{out_dir} holds {kind} with other settings ({', '.join(sorted(mismatch))}); "
+                f"{out_dir} holds {kind} with other settings ({'; '.join(mismatch)}); "
                 "use a new directory or delete it to start over"
             )
+        if meta["settings"] != old_settings:
+            _atomic_write_text(meta_path, json.dumps(meta, indent=2))
     else:
         system.save(out_dir)
         _atomic_write_text(meta_path, json.dumps(meta, indent=2))
