@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="bench/runs/aldp_reference")
     ap.add_argument("--iterations", type=int, default=12000, help="per walker (one 300 K frame each, 0.5 ps apart)")
-    ap.add_argument("--walkers", type=int, default=2)
+    ap.add_argument("--walkers", type=int, default=4, help="independent walkers (more later are added beside the finished ones)")
     ap.add_argument("--seed", type=int, default=1001)
     ap.add_argument("--out", default=None, help="Markdown summary")
     args = ap.parse_args()
