@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bg  # noqa: E402
-from bg.coordinates.geometry import wrap_angle  # noqa: E402
+from bg.coordinates.geometry import circular_mean, wrap_angle  # noqa: E402
 from energy_stages import data_and_model  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def marginals(model, data: torch.Tensor, n: int, seed: int) -> list[dict]:
     zq = rep.forward(x.double())[0]
     zd = torch.cat([rep.forward(c.double())[0] for c in data.split(4096)])
     circular = rep.is_torsion
-    centre = torch.where(circular, torch.atan2(torch.sin(zd).mean(0), torch.cos(zd).mean(0)), 0.0)
+    centre = torch.where(circular, circular_mean(zd), 0.0)
     zq, zd = centred(zq, circular, centre), centred(zd, circular, centre)
     rows = []
     for i, entry in enumerate(rep.coordinate_table()):

@@ -65,3 +65,8 @@ def place_atom(p: Tensor, g: Tensor, d: Tensor, bond: Tensor, angle: Tensor, tor
 def wrap_angle(phi: Tensor) -> Tensor:
     """Map angles to [−π, π)."""
     return torch.remainder(phi + torch.pi, 2 * torch.pi) - torch.pi
+
+
+def circular_mean(phi: Tensor, dim: int = 0) -> Tensor:
+    """Circular mean (rad) of angles ``phi`` along ``dim``."""
+    return torch.atan2(torch.sin(phi).mean(dim), torch.cos(phi).mean(dim))

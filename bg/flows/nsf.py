@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bg.choices import check_choices
-from bg.coordinates.geometry import wrap_angle
+from bg.coordinates.geometry import circular_mean, wrap_angle
 from bg.flows.base import Flow
 from bg.flows.conditioners import AbsoluteEmbedding, GAUConditioner, GAUTokens, MLPConditioner
 from bg.flows.coupling import CouplingMasks, SplineCoupling, SplitChannelFlow
@@ -67,22 +67,18 @@ class InternalFlow(Flow):
             state_dict.setdefault(prefix + name, getattr(self, name).new_zeros(getattr(self, name).shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _recentre(self, z: Tensor) -> Tensor:
+    def _recentre(self, z: Tensor, sign: int = -1) -> Tensor:
+        """Shift the recentred torsions by ``sign`` × their centre (−1: onto 0; +1: back)."""
         if not self.recentred.any():
             return z
-        return torch.where(self.recentred, wrap_angle(z - self.centre.to(z.dtype)), z)
-
-    def _uncentre(self, z: Tensor) -> Tensor:
-        if not self.recentred.any():
-            return z
-        return torch.where(self.recentred, wrap_angle(z + self.centre.to(z.dtype)), z)
+        return torch.where(self.recentred, wrap_angle(z + sign * self.centre.to(z.dtype)), z)
 
     @torch.no_grad()
     def fit(self, z: Tensor) -> "InternalFlow":
         """Spline intervals of bonds (nm) and angles (rad) from the range of training data ``z`` ``(F, D)``,
         then the base statistics."""
         torsion = self.kinds == TORSION
-        centre = torch.atan2(torch.sin(z).mean(0), torch.cos(z).mean(0))
+        centre = circular_mean(z)
         narrow = torsion & (wrap_angle(z - centre).abs().max(0).values < math.pi / 4)
         if self.narrow_torsions == "circular":
             narrow = torch.zeros_like(narrow)
@@ -92,10 +88,11 @@ class InternalFlow(Flow):
         lo, hi = z.min(0).values, z.max(0).values
         margin = self.bound_margin * (hi - lo) + 1e-4
         angle, circular = self.kinds == ANGLE, torsion & ~narrow
-        low = torch.where(circular, -math.pi, torch.where(narrow, (lo - margin).clamp(min=-math.pi),
-                                                          (lo - margin).clamp(min=1e-3)))
-        high = torch.where(circular, math.pi, torch.where(angle, (hi + margin).clamp(max=math.pi - 1e-3),
-                                                          torch.where(narrow, (hi + margin).clamp(max=math.pi), hi + margin)))
+        # bonds stay positive, angles inside (0, π), recentred torsions inside [−π, π]
+        floor = torch.where(narrow, -math.pi, 1e-3)
+        ceiling = torch.where(angle, math.pi - 1e-3, torch.where(narrow, math.pi, math.inf))
+        low = torch.where(circular, -math.pi, torch.maximum(lo - margin, floor.to(lo.dtype)))
+        high = torch.where(circular, math.pi, torch.minimum(hi + margin, ceiling.to(hi.dtype)))
         for module in [self.base, *(m for m in self.modules() if isinstance(m, SplineCoupling))]:
             module.low.copy_(low)
             module.high.copy_(high)
@@ -112,7 +109,7 @@ class InternalFlow(Flow):
         """``n`` samples ``(n, D)`` and their log density ``(n,)``."""
         u = self.base.sample(n, dtype=self.dtype)
         z, ld = self.transform.inverse(u)
-        return self._uncentre(z), self.base.log_prob(u) - ld
+        return self._recentre(z, sign=1), self.base.log_prob(u) - ld
 
 
 def neural_spline_flow(

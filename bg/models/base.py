@@ -233,8 +233,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         q ≪ p (the rare basins) without the NLL's overfitting: its target there is −u, not a spike."""
         with torch.no_grad():
             xs, _ = self.density.sample(self.hparams.kl_batch_size)
-        pool = torch.cat([xs, x.to(xs.dtype)])
-        with torch.no_grad():
+            pool = torch.cat([xs, x.to(xs.dtype)])
             u = self.training_energy(pool)
         log_w = -u - self.density.log_prob(pool)
         ok = self._finite(log_w, "logvar")
