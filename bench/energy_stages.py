@@ -35,9 +35,11 @@ from bg.sampling.ess import kish_ess  # noqa: E402
 from datamodules import MDDataModule  # noqa: E402
 
 
-def data_and_model(config: Path, init: Path | None, model_options: dict | None = None):
+def data_and_model(config: Path, init: Path | None, model_options: dict | None = None,
+                   data_options: dict | None = None):
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["init_args"].update(model_options or {})
+    cfg["data"]["init_args"].update(data_options or {})
     data_args = dict(cfg["data"]["init_args"])
     for key in ("md", "replica_exchange"):
         if isinstance(data_args.get(key), dict):
@@ -77,8 +79,9 @@ def parse_terms(text: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    options = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.model.split(","))} if args.model else {}
-    cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options)
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.model.split(";"))} if args.model else {}
+    data = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.data.split(";"))} if args.data else {}
+    cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options, data)
     if args.kl_batch_size:
         model.hparams.kl_batch_size = args.kl_batch_size
     terms = parse_terms(args.terms)
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
                 "pytorch-lightning_version": L.__version__}
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
-    return {"label": args.label, "terms": terms, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
+    return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
             "phi_positive": phi_positive,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
@@ -149,7 +152,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/aldp_nsf.yaml")
     p.add_argument("--init", default=None, help="checkpoint to continue (default: a new flow from the config)")
-    p.add_argument("--model", default="", help="model options over the config's, e.g. coupling_masks=shuffled,bins=12")
+    p.add_argument("--model", default="", help="model options over the config's, e.g. 'coupling_masks=shuffled;bins=12'")
+    p.add_argument("--data", default="", help="data options over the config's, e.g. 'training_states=[0, 1]'")
     p.add_argument("--terms", default="nll=1", help="loss terms and weights, e.g. kl_path=1,nll=0.1")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")

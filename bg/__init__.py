@@ -12,3 +12,11 @@ def load_generator(ckpt_path, map_location="cpu", strict=True):
     from bg.models.loading import load_generator as _load
 
     return _load(ckpt_path, map_location=map_location, strict=strict)
+
+
+def evaluate(source, n=20000, reference=None, topology=None, **options):
+    """Numbers with error bars for a generator (checkpoint path or module) or a ``predict`` samples folder,
+    beside a reference MD (see :func:`bg.report.evaluate`); no Trainer involved."""
+    from bg.report import evaluate as _evaluate
+
+    return _evaluate(source, n, reference, topology, **options)

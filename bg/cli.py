@@ -7,6 +7,8 @@ Commands:
            topology + trajectories; prints where the frames are and how they are split.
     sweep-command FILE [--seed N]   the command a W&B agent would run for one drawn trial of a
            sweep file (a dry run, no W&B server needed); see ``bg.sweeps``.
+    analyze SOURCE [--reference ...]   populations, free energies and surfaces with error bars of a
+           checkpoint or a samples folder, beside reference MD (``bg.evaluate``); writes a folder.
 """
 
 from __future__ import annotations
@@ -52,6 +54,33 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import bg
+
+    native = None
+    if args.native:
+        import mdtraj as md
+
+        native = md.load(args.native)
+    report = bg.evaluate(args.source, n=args.samples, reference=args.reference, topology=args.topology,
+                         native=native, energy=args.energy, bins=args.bins, n_boot=args.bootstrap,
+                         min_ess=args.min_ess, seed=args.seed)
+    stem = Path(args.source).stem if not Path(args.source).is_dir() else Path(args.source).name
+    out = Path(args.out or f"analysis/{stem}_{time.strftime('%Y%m%d-%H%M%S')}")
+    report.save(out, figures=not args.no_figures)
+    print(report.markdown())
+    if args.wandb_run:
+        import wandb
+
+        run = wandb.init(id=args.wandb_run, resume="allow", project=args.wandb_project)
+        run.log({"analysis/" + p.stem: wandb.Image(str(p)) for p in out.glob("*.png")})
+        run.finish()
+    print(f"report written to {out}/ (report.json, report.md, figures)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bg", description="Boltzmann generators in PyTorch Lightning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         kind = int if f.type == "int" else (float if f.type == "float" else str)
         rex.add_argument(f"--re-{f.name.replace('_', '-')}", dest="re_" + f.name, type=kind, default=None)
     data.set_defaults(func=_data)
+
+    an = sub.add_parser("analyze", help="populations, free energies and surfaces with error bars (bg.evaluate)")
+    an.add_argument("source", help="a checkpoint (.ckpt) or a `bg predict` samples folder")
+    an.add_argument("--samples", type=int, default=20000, help="samples to draw from a checkpoint (default 20000)")
+    an.add_argument("--reference", nargs="+", default=None,
+                    help="reference MD trajectories, each one independent time-ordered run (needs --topology "
+                         "unless the format has one)")
+    an.add_argument("--topology", default=None, help="topology (PDB) of --reference")
+    an.add_argument("--native", default=None, help="native structure (PDB): adds RMSD, Q and Rg as observables")
+    an.add_argument("--energy", choices=["model", "torch", "openmm"], default="model",
+                    help="energy that judges the samples (default: the model's own target)")
+    an.add_argument("--bins", type=int, default=36, help="bins per dimension of the free-energy surfaces")
+    an.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (weighted samples)")
+    an.add_argument("--min-ess", type=float, default=100.0,
+                    help="below this many effective samples error bars are flagged unreliable")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", default=None, help="output folder (default: analysis/<source>_<time>)")
+    an.add_argument("--no-figures", action="store_true")
+    an.add_argument("--wandb-run", default=None, help="also log the figures to this W&B run id")
+    an.add_argument("--wandb-project", default="bg")
+    an.set_defaults(func=_analyze)
     return parser
 
 

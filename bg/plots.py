@@ -105,8 +105,50 @@ def ramachandran(sets: dict[str, tuple[Tensor, Tensor, Tensor | None]], residue_
     return fig
 
 
+def free_energy_surface(surface, max_free_energy: float = 8.0) -> plt.Figure:
+    """A :class:`bg.report.Surface`: 1-D profiles with ±1σ bands per sample set, or 2-D maps (one per set,
+    kT, lowest bin 0) with the generator − reference difference and the generator's per-bin error."""
+    keys = list(surface.values)
+    if len(surface.edges) == 1:
+        e = np.asarray(surface.edges[0])
+        mid = 0.5 * (e[1:] + e[:-1])
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for k, key in enumerate(keys):
+            f, err = surface.values[key], surface.errors[key]
+            ok = np.isfinite(f) & np.isfinite(err)
+            ax.plot(mid[ok], f[ok], color=f"C{k}", label=key)
+            ax.fill_between(mid[ok], (f - err)[ok], (f + err)[ok], color=f"C{k}", alpha=0.25)
+        ax.set_xlabel(surface.name)
+        ax.set_ylabel("free energy (kT)")
+        ax.set_ylim(-0.5, max_free_energy)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+    ex, ey = (np.asarray(e) for e in surface.edges)
+    extent = [ex[0], ex[-1], ey[0], ey[-1]]
+    # empty bins (F = +inf) stay white
+    panels = [(key, np.where(np.isfinite(surface.values[key]), surface.values[key], np.nan), "viridis",
+               (0, max_free_energy)) for key in keys]
+    if "generator" in surface.values and "reference" in surface.values:
+        with np.errstate(invalid="ignore"):  # inf − inf where both sets left a bin empty
+            diff = surface.values["generator"] - surface.values["reference"]
+        panels.append(("generator − reference", np.where(np.isfinite(diff), diff, np.nan), "RdBu_r", (-2, 2)))
+    if "generator" in surface.errors:
+        err = surface.errors["generator"]
+        panels.append(("generator ±1σ", np.where(np.isfinite(err), err, np.nan), "magma", (0, 1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False)
+    for ax, (title, f, cmap, (lo, hi)) in zip(axes[0], panels):
+        im = ax.imshow(np.clip(f, lo, hi).T, origin="lower", extent=extent, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        ax.set_title(f"{surface.name}: {title}", fontsize=8)
+        ax.set_xlabel("φ" if "phi" in surface.name else "x")
+        ax.set_ylabel("ψ" if "phi" in surface.name else "y")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="kT")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: plt.Figure) -> None:
     plt.close(fig)
 
 
-__all__ = ["close", "energy_histogram", "ramachandran"]
+__all__ = ["close", "energy_histogram", "free_energy_surface", "ramachandran"]

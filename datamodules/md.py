@@ -30,7 +30,7 @@ from datamodules.loaders import ResumableLoader, distributed_sampler
 
 from bg.choices import check_choices
 from bg.systems import MDSettings, MolecularSystem, get_system, load_pdb, simulate, trajectory_files
-from bg.systems.replica_exchange import ReplicaExchangeSettings, frame_files, replica_exchange, split_gap
+from bg.systems.replica_exchange import ReplicaExchangeSettings, replica_exchange, split_gap, state_frame_files
 
 Generator = Literal["md", "replica_exchange"]
 
@@ -64,6 +64,12 @@ class MDDataModule(L.LightningDataModule):
         forcefield: force field preset/XML for ``system``/``topology`` (default per system).
         temperature: K.
         max_frames: use at most this many frames (after stride), for quick experiments.
+        training_states: replica-exchange data only: the thermodynamic states (ladder indices, 0 = the
+            target temperature) whose frames make the training set, each state's frames of the same
+            iterations (validation and test stay at the target temperature). Hotter states reach the
+            rare basins and the barriers between them: the maximum-likelihood fit then covers a
+            broader density, and the energy terms (``logvar``: any frame distribution is a valid
+            reference) pull the flow to the target there too. Default ``[0]``.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class MDDataModule(L.LightningDataModule):
         forcefield: str | None = None,
         temperature: float = 300.0,
         max_frames: int | None = None,
+        training_states: tuple[int, ...] = (0,),
     ):
         super().__init__()
         if system is None and topology is None:
@@ -93,6 +100,12 @@ class MDDataModule(L.LightningDataModule):
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6 or split[0] <= 0:
             raise ValueError(f"data: split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
         check_choices(MDDataModule.__init__, {"generator": generator}, "data.")
+        training_states = [int(k) for k in training_states]
+        if not training_states or len(set(training_states)) != len(training_states) or min(training_states) < 0:
+            raise ValueError(f"data: training_states must be distinct ladder indices ≥ 0, got {training_states}")
+        if training_states != [0] and (generator != "replica_exchange" or trajectories):
+            raise ValueError("data: training_states other than [0] need generated replica-exchange data "
+                             "(generator: replica_exchange, no trajectories)")
         self.save_hyperparameters(ignore=["md", "replica_exchange"])
         self.system_spec = system
         self.topology_path = topology
@@ -108,6 +121,7 @@ class MDDataModule(L.LightningDataModule):
         self.forcefield = forcefield
         self.temperature = temperature
         self.max_frames = max_frames
+        self.training_states = training_states
         self.representation: nn.Module | None = None
         self._system: MolecularSystem | None = None
         self.positions: dict[str, torch.Tensor] = {}
@@ -163,6 +177,9 @@ class MDDataModule(L.LightningDataModule):
         bounds = {"train": (0, n_train), "val": (a, a + n_val), "test": (b, len(xyz))}
         for key, (a, b) in bounds.items():
             self.positions[key] = torch.from_numpy(np.ascontiguousarray(xyz[a:b], dtype=np.float32))
+        hot = [self._load_frames(k)[:n_train] for k in self.training_states if k != 0]
+        train = [self.positions["train"]] if 0 in self.training_states else []
+        self.positions["train"] = torch.cat(train + [torch.from_numpy(np.ascontiguousarray(h)) for h in hot])
         if len(self.positions["train"]) == 0:
             raise ValueError(f"data: no training frames ({n} frames in total); add frames or lower the stride")
         self._datasets.clear()
@@ -228,10 +245,11 @@ class MDDataModule(L.LightningDataModule):
         return -(-split_gap(self.md_dir) // self.stride)
 
     # ------------------------------------------------------------------ loading and checks
-    def trajectory_paths(self) -> list[Path]:
+    def trajectory_paths(self, state: int = 0) -> list[Path]:
+        """The frame files (of thermodynamic state ``state`` for generated replica-exchange data)."""
         if not self.trajectory_patterns:
             if self.generator == "replica_exchange":
-                return frame_files(self.md_dir)
+                return state_frame_files(self.md_dir, state)
             return trajectory_files(self.md_dir)
         paths: list[Path] = []
         for pattern in self.trajectory_patterns:
@@ -241,10 +259,10 @@ class MDDataModule(L.LightningDataModule):
             paths.extend(Path(m) for m in matches)
         return paths
 
-    def _load_frames(self) -> np.ndarray:
+    def _load_frames(self, state: int = 0) -> np.ndarray:
         top = self.topology
         topology_name = self.topology_path or f"system {self.system_spec}"
-        paths = self.trajectory_paths()
+        paths = self.trajectory_paths(state)
         if not paths:
             raise FileNotFoundError(f"{self.md_dir}: no MD frames; run prepare_data() (or `bg data`) first")
         frames = []

@@ -1,5 +1,6 @@
-"""Replica-exchange data (openmmtools): the exported frames are the target temperature's, the report is
-consistent, reruns resume instead of recomputing, the DataModule splits with the statistical gap."""
+"""Replica-exchange data (openmmtools): the exported frames are the target temperature's (and each hotter
+state's), the report is consistent, reruns resume instead of recomputing, the DataModule splits with the
+statistical gap and adds hotter states' frames to the training block when asked."""
 
 import dataclasses
 import json
@@ -13,7 +14,7 @@ from openmm import unit
 
 from bg.systems import aldp
 from bg.systems.replica_exchange import (ReplicaExchangeSettings, frame_files, replica_exchange,
-                                         statistical_inefficiency, walker_dir)
+                                         state_frame_files, statistical_inefficiency, walker_dir)
 from datamodules import MDDataModule
 
 TINY = ReplicaExchangeSettings(n_iterations=12, steps_per_iteration=50, n_replicas=3, max_temperature=450.0,
@@ -27,17 +28,13 @@ def re_dir(tmp_path_factory):
     return out
 
 
-def test_frames_are_the_target_temperature_states_energies(re_dir):
+def assert_frames_carry_the_stored_energies(re_dir, walker: int, state: int, frames: np.ndarray, iterations) -> None:
+    """Independent check: OpenMM's reduced energy of each exported frame at the state's temperature equals what
+    openmmtools stored for the replica that held that state at that iteration."""
     from openmmtools import multistate
 
     system = aldp()
-    files = frame_files(re_dir)
-    assert [f.name for f in files] == ["walker_00.dcd", "walker_01.dcd"]
-    frames = md.load(str(files[0]), top=system.topology).xyz
-    assert frames.shape == (TINY.n_iterations, system.n_atoms, 3)
-    # Independent check: OpenMM's reduced energy of each exported frame at 300 K equals what openmmtools
-    # stored for the replica that held the 300 K state at that iteration.
-    reporter = multistate.MultiStateReporter(str(walker_dir(re_dir, 0) / "storage.nc"), open_mode="r")
+    reporter = multistate.MultiStateReporter(str(walker_dir(re_dir, walker) / "storage.nc"), open_mode="r")
     try:
         state_of = np.asarray(reporter.read_replica_thermodynamic_states())
         stored = reporter.read_energies()[0]
@@ -45,13 +42,40 @@ def test_frames_are_the_target_temperature_states_energies(re_dir):
         reporter.close()
     context = openmm.Context(system.create_openmm_system(), openmm.VerletIntegrator(0.001),
                              openmm.Platform.getPlatformByName("Reference"))
-    kT = unit.MOLAR_GAS_CONSTANT_R * system.temperature * unit.kelvin
-    for i in (0, 5, TINY.n_iterations - 1):
+    kT = unit.MOLAR_GAS_CONSTANT_R * TINY.temperatures(system.temperature)[state] * unit.kelvin
+    for i in iterations:
         it = TINY.equilibration_iterations + 1 + i
-        replica = int(np.nonzero(state_of[it] == 0)[0][0])
+        replica = int(np.nonzero(state_of[it] == state)[0][0])
         context.setPositions(frames[i].astype(np.float64) * unit.nanometer)
         u = context.getState(getEnergy=True).getPotentialEnergy() / kT
-        assert u == pytest.approx(float(stored[it][replica, 0]), abs=2e-3)  # DCD stores float32 positions
+        assert u == pytest.approx(float(stored[it][replica, state]), abs=2e-3)  # DCD stores float32 positions
+
+
+def test_frames_are_the_target_temperature_states_energies(re_dir):
+    system = aldp()
+    files = frame_files(re_dir)
+    assert [f.name for f in files] == ["walker_00.dcd", "walker_01.dcd"]
+    frames = md.load(str(files[0]), top=system.topology).xyz
+    assert frames.shape == (TINY.n_iterations, system.n_atoms, 3)
+    assert_frames_carry_the_stored_energies(re_dir, 0, 0, frames, (0, 5, TINY.n_iterations - 1))
+
+
+def test_hotter_states_frames_match_openmmtools_energies_and_export_lazily(re_dir, tmp_path):
+    system = aldp()
+    files = state_frame_files(re_dir, 2)
+    assert [f.parent.name for f in files] == ["state_2", "state_2"]
+    frames = md.load(str(files[1]), top=system.topology).xyz
+    assert frames.shape == (TINY.n_iterations, system.n_atoms, 3)
+    assert_frames_carry_the_stored_energies(re_dir, 1, 2, frames, (0, TINY.n_iterations - 1))  # 450 K
+    # a run whose hotter states were never exported (made before they were) gets them from its storage
+    shutil.copytree(re_dir, tmp_path / "rex")
+    for d in (tmp_path / "rex" / "frames").glob("state_*"):
+        shutil.rmtree(d)
+    again = state_frame_files(tmp_path / "rex", 2)
+    np.testing.assert_array_equal(md.load(str(again[1]), top=system.topology).xyz, frames)
+    assert state_frame_files(re_dir, 0) == frame_files(re_dir)
+    with pytest.raises(ValueError, match="state 3 is not on the ladder of 3"):
+        state_frame_files(re_dir, 3)
 
 
 def test_report_and_rerun_resumes(re_dir):
@@ -122,6 +146,20 @@ def test_datamodule_reads_the_walkers_and_leaves_the_gap(re_dir, tmp_path):
     np.testing.assert_array_equal(dm.positions["val"][0].numpy(), every[n_train + gap])
     with pytest.raises(ValueError, match="generator"):
         MDDataModule(system="aldp", generator="remd")
+
+    # hotter states join the training block (the same iterations); validation and test stay at 300 K
+    hot = MDDataModule(system="aldp", generator="replica_exchange", replica_exchange=TINY, cache_dir=str(cache),
+                       split=(0.5, 0.25, 0.25), training_states=[0, 2])
+    hot.setup()
+    state2 = np.concatenate([md.load(str(f), top=aldp().topology).xyz for f in state_frame_files(re_dir, 2)])
+    np.testing.assert_array_equal(hot.positions["train"].numpy(), np.concatenate([every[:n_train], state2[:n_train]]))
+    np.testing.assert_array_equal(hot.positions["val"].numpy(), dm.positions["val"].numpy())
+    np.testing.assert_array_equal(hot.positions["test"].numpy(), dm.positions["test"].numpy())
+    for bad in ([], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="training_states must be distinct"):
+            MDDataModule(system="aldp", generator="replica_exchange", training_states=bad)
+    with pytest.raises(ValueError, match="need generated replica-exchange data"):
+        MDDataModule(system="aldp", generator="md", training_states=[0, 1])
 
 
 def test_a_killed_run_resumes_from_the_storage(tmp_path):

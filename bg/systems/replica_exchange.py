@@ -12,6 +12,7 @@ Output directory layout::
       replica_exchange.json                      the settings (a resume must match them)
       walkers/walker_00/storage.nc (+ checkpoint) openmmtools storage (all replicas, all iterations)
       frames/walker_00.dcd ...                   the target-temperature frames of each finished walker
+      frames/state_1/walker_00.dcd ...           the same iterations' frames of each hotter state
       report.json                                exchange acceptance, φ > 0 visits per temperature,
                                                  statistical inefficiency of the target frames
 
@@ -38,6 +39,7 @@ import mdtraj as md
 import numpy as np
 from tqdm.auto import tqdm
 
+from bg.estimators import statistical_inefficiency
 from bg.systems.simulate import start_run_dir
 from bg.systems.system import MolecularSystem
 
@@ -100,10 +102,51 @@ def frame_files(out_dir: str | Path) -> list[Path]:
     return sorted((Path(out_dir) / "frames").glob("walker_*.dcd"))
 
 
+def state_frame_files(out_dir: str | Path, state: int) -> list[Path]:
+    """The frame files of thermodynamic state ``state`` (ladder index; 0 = the target temperature) of the
+    finished walkers, in walker order, aligned frame by frame with :func:`frame_files`. Hotter states are
+    exported from each walker's storage on first request (runs made before they were exported too)."""
+    out_dir = Path(out_dir)
+    if state == 0:
+        return frame_files(out_dir)
+    settings = json.loads((out_dir / "replica_exchange.json").read_text())["settings"]
+    s = ReplicaExchangeSettings(**settings)
+    if not 0 <= state < s.n_replicas:
+        raise ValueError(f"replica exchange: state {state} is not on the ladder of {s.n_replicas} temperatures "
+                         f"(0 = the target temperature … {s.n_replicas - 1})")
+    files = []
+    for target in frame_files(out_dir):
+        path = _state_path(target, state)
+        if not path.exists():
+            _, _, multistate, _ = _quiet_import()
+            walker = int(target.stem.split("_")[1])
+            system = MolecularSystem.load(out_dir)
+            with _quietly():
+                reporter = multistate.MultiStateReporter(str(walker_dir(out_dir, walker) / "storage.nc"), open_mode="r")
+                try:
+                    _write_states(_by_state(reporter, system, s), system, target, range(1, s.n_replicas))
+                finally:
+                    reporter.close()
+        files.append(path)
+    return files
+
+
+def _state_path(target: Path, state: int) -> Path:
+    return target.parent / f"state_{state}" / target.name
+
+
+def _write_states(by_state: np.ndarray, system: MolecularSystem, target: Path, states) -> None:
+    for k in states:
+        path = _state_path(target, k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        md.Trajectory(by_state[:, k], system.topology).save_dcd(str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+
 @contextlib.contextmanager
 def _quietly():
     """openmmtools/pymbar print banners and warnings on import; keep the user's terminal readable."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
 
@@ -159,27 +202,22 @@ def _run_walker(system_dir: str, out_dir: str, settings: dict, walker: int, queu
         print(f"bg: walker {walker} at iteration {sampler.iteration}", flush=True)
         queue.put((walker, n))
     frames = wdir / "frames.dcd"
-    _export(reporter, system, s, frames)
-    reporter.close()
     final = Path(out_dir) / "frames" / f"walker_{walker:02d}.dcd"
+    _export(reporter, system, s, frames, final)
+    reporter.close()
     final.parent.mkdir(exist_ok=True)
-    os.replace(frames, final)
+    os.replace(frames, final)  # last: the target file marks the walker finished
 
 
-def _export(reporter, system: MolecularSystem, s: ReplicaExchangeSettings, path: Path) -> None:
-    """Write the target-state frames and this walker's statistics (``<walker>/stats.json``)."""
-    from openmm import unit
-
-    state_of = np.asarray(reporter.read_replica_thermodynamic_states())  # (iterations + 1, replicas)
-    n_it = min(len(state_of) - 1, s.total_iterations)
-    its = range(s.equilibration_iterations + 1, n_it + 1)
-    by_state = np.empty((len(its), s.n_replicas, system.n_atoms, 3), dtype=np.float32)
-    for i, it in enumerate(its):
-        sampler_states = reporter.read_sampler_states(it)
-        for replica, state in enumerate(state_of[it]):
-            by_state[i, state] = sampler_states[replica].positions.value_in_unit(unit.nanometer)
+def _export(reporter, system: MolecularSystem, s: ReplicaExchangeSettings, path: Path, final: Path) -> None:
+    """Write the frames of every state (the target's to ``path``, to be moved to ``final``; hotter ones
+    beside ``final``, see :func:`state_frame_files`) and this walker's statistics (``<walker>/stats.json``)."""
+    by_state = _by_state(reporter, system, s)
+    _write_states(by_state, system, final, range(1, s.n_replicas))
     md.Trajectory(by_state[:, 0], system.topology).save_dcd(str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
+    state_of = np.asarray(reporter.read_replica_thermodynamic_states())  # (iterations + 1, replicas)
+    its = range(s.equilibration_iterations + 1, s.equilibration_iterations + 1 + len(by_state))
     accepted, proposed = reporter.read_mixing_statistics()  # (iterations, states, states) each
     positive = [float(phi_positive(by_state[:, k], system.topology).mean()) for k in range(s.n_replicas)]
     target_phi = phi_positive(by_state[:, 0], system.topology).astype(float)
@@ -196,21 +234,26 @@ def _export(reporter, system: MolecularSystem, s: ReplicaExchangeSettings, path:
     (path.parent / "stats.json").write_text(json.dumps(out, indent=2))
 
 
+def _by_state(reporter, system: MolecularSystem, s: ReplicaExchangeSettings) -> np.ndarray:
+    """``(iterations, n_replicas, N, 3)`` float32 nm: each saved iteration's positions by thermodynamic state
+    (whichever replica held it), after equilibration."""
+    from openmm import unit
+
+    state_of = np.asarray(reporter.read_replica_thermodynamic_states())  # (iterations + 1, replicas)
+    n_it = min(len(state_of) - 1, s.total_iterations)
+    its = range(s.equilibration_iterations + 1, n_it + 1)
+    by_state = np.empty((len(its), s.n_replicas, system.n_atoms, 3), dtype=np.float32)
+    for i, it in enumerate(its):
+        sampler_states = reporter.read_sampler_states(it)
+        for replica, state in enumerate(state_of[it]):
+            by_state[i, state] = sampler_states[replica].positions.value_in_unit(unit.nanometer)
+    return by_state
+
+
 def phi_positive(xyz: np.ndarray, topology: md.Topology) -> np.ndarray:
     """``(F,)`` bool: some backbone φ of the frame ``(F, N, 3)`` nm is positive (the rare basins of peptides)."""
     _, phi = md.compute_phi(md.Trajectory(xyz, topology))
     return (phi > 0).any(axis=1) if phi.shape[1] else np.zeros(len(xyz), dtype=bool)
-
-
-def statistical_inefficiency(series: np.ndarray) -> float:
-    """g = 1 + 2τ of a time series (``pymbar.timeseries``); 1.0 for a constant series."""
-    series = np.asarray(series, dtype=float)
-    if len(series) < 3 or np.ptp(series) == 0:
-        return 1.0
-    with _quietly():
-        from pymbar import timeseries
-
-        return float(timeseries.statistical_inefficiency(series))
 
 
 def neighbour_acceptance(n_accepted: np.ndarray, n_proposed: np.ndarray) -> list[float]:

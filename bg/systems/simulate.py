@@ -118,7 +118,10 @@ def completed_chunks(out_dir: str | Path) -> list[int]:
     chunks = Path(out_dir) / "chunks"
     done = []
     for f in sorted(chunks.glob("chunk_*.dcd")):
-        k = int(f.stem.split("_")[1])
+        index = f.stem.split("_")[1]
+        if not index.isdigit():  # a chunk being written (chunk_00001.tmp.dcd), not finished
+            continue
+        k = int(index)
         if (chunks / f"state_{k:05d}.xml").exists():
             done.append(k)
     # Only a contiguous prefix counts.

@@ -1,0 +1,106 @@
+"""bg.evaluate / `bg analyze`: the report's ESS and basin populations are the training-time metrics' values,
+its reference side carries MD error bars, it writes JSON, Markdown and figures, and SMC particles are
+reported as what they are."""
+
+import json
+import math
+
+import lightning as L
+import mdtraj as md
+import numpy as np
+import pytest
+import torch
+
+import bg
+from bg.cli import main as cli_main
+from bg.evaluation import Reference, evaluate
+from bg.models import SplitChannelNSF
+from bg.report import basin_states
+
+
+@pytest.fixture(scope="module")
+def model(aldp_system, aldp_frames, tiny_nsf_kwargs):
+    torch.manual_seed(0)
+    m = SplitChannelNSF(**tiny_nsf_kwargs)
+    m.build(aldp_system, torch.as_tensor(aldp_frames[:150], dtype=torch.float32))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    x = torch.as_tensor(aldp_frames[:150], dtype=torch.float32)
+    for _ in range(30):  # a little maximum likelihood, so that the weights are not all on one sample
+        opt.zero_grad()
+        m.term_nll(x).backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(aldp_system, aldp_frames):
+    return md.Trajectory(aldp_frames.astype(np.float32), aldp_system.topology)
+
+
+def test_report_numbers_are_the_training_metrics(model, aldp_frames):
+    report = bg.evaluate(model, n=400, seed=3, n_boot=100, bins=12)
+    ref = Reference.from_frames(torch.as_tensor(aldp_frames), model.topology, model.energy)
+    metrics = evaluate(model.proposal, model.energy, ref, n=400, seed=3)  # what SampleEvaluation logs
+    assert report.sampling["ess"]["value"] == metrics["ess"]
+    e = report.sampling["ess"]
+    assert e["low"] <= e["value"] <= e["high"]
+    for name, est in zip(report.states, report.populations["generator"]):
+        assert est.value == metrics[f"basin_{name}_reweighted"], name
+    assert report.states == ["beta_C7eq", "alpha_R", "alpha_L", "C7ax"]
+    assert report.free_energies["generator"][0].value == 0.0
+
+
+def test_report_against_md_writes_json_markdown_and_figures(model, reference, tmp_path):
+    report = bg.evaluate(model, n=300, reference=[reference[:100], reference[100:]], n_boot=50, bins=12)
+    assert report.reference_frames == 200
+    pops = report.populations["reference"]
+    # MD populations are the plain frame fractions; their errors account for correlation (g ≥ 1)
+    names, label = basin_states(reference.topology)
+    fractions = np.bincount(label(reference), minlength=4) / 200
+    for est, f in zip(pops, fractions):
+        assert est.value == pytest.approx(f)
+        if 0 < f < 1:
+            assert est.error >= 0.99 * math.sqrt(f * (1 - f) / 200)
+    comp = report.comparisons()
+    assert "population beta_C7eq" in comp and "ΔF alpha_R" in comp
+    paths = report.save(tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["populations"]["reference"][0]["value"] == pytest.approx(fractions[0])
+    assert data["surfaces"][0]["shape"] == [12, 12]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "population (reference)" in text and "ΔF kcal/mol" in text and ".png" in text
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
+
+
+def test_bg_analyze_on_a_checkpoint(model, reference, tmp_path, capsys):
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": L.__version__}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    reference.save_dcd(str(tmp_path / "ref.dcd"))
+    reference[0].save_pdb(str(tmp_path / "top.pdb"))
+    code = cli_main(["analyze", str(tmp_path / "m.ckpt"), "--samples", "200", "--reference", str(tmp_path / "ref.dcd"),
+                     "--topology", str(tmp_path / "top.pdb"), "--bootstrap", "50", "--bins", "12",
+                     "--out", str(tmp_path / "an")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Kish ESS/n" in out and f"report written to {tmp_path / 'an'}" in out
+    assert (tmp_path / "an" / "report.json").exists()
+    assert cli_main(["analyze", str(tmp_path / "missing.ckpt")]) == 2
+    assert "bg: error" in capsys.readouterr().err
+
+
+def test_smc_particles_get_no_headline_ess_and_a_lineage_warning(reference, tmp_path):
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    reference[0].save_pdb(str(folder / "topology.pdb"))
+    reference[:50].save_dcd(str(folder / "samples.dcd"))
+    np.savez(folder / "samples.npz", log_w=np.zeros(50), energy_kT=np.zeros(50))
+    (folder / "samples.json").write_text(json.dumps({"sampler": "smc", "n_ancestors": 3, "ess_history": [0.8, 0.2],
+                                                     "log_z": -1.5, "ess": 1.0}))
+    report = bg.evaluate(folder, n_boot=20, bins=8)
+    assert "ess" not in report.sampling and report.sampling["ess_before_resampling"] == 0.2
+    assert any("3 of 50 particles" in w for w in report.warnings)
+    assert "distinct proposals" in report.markdown()
+    with pytest.raises(FileNotFoundError, match="not a samples folder"):
+        bg.evaluate(tmp_path)
