@@ -48,15 +48,24 @@ EnergyChoice = Literal["model", "torch", "openmm"]
 
 def basin_states(topology: md.Topology) -> tuple[list[str], StateLabels] | None:
     """The four φ/ψ basins of a peptide with one φ/ψ residue (alanine dipeptide and the like); else None."""
-    phi_q, psi_q = phi_psi_atoms(topology)
-    if len(phi_q) != 1:
+    phi_psi = _phi_psi_atoms(topology)
+    if phi_psi is None or len(phi_psi[0]) != 1:
         return None
+    phi_q, psi_q = phi_psi
 
     def label(traj: md.Trajectory) -> np.ndarray:
         x = torch.as_tensor(traj.xyz, dtype=torch.float64)
         return basin_index(torsions(x, phi_q)[:, 0], torsions(x, psi_q)[:, 0]).numpy()
 
     return list(BASINS), label
+
+
+def _phi_psi_atoms(topology: md.Topology) -> tuple[Tensor, Tensor] | None:
+    """φ/ψ atom quadruples per residue, or None for a molecule without backbone torsions."""
+    try:
+        return phi_psi_atoms(topology)
+    except ValueError:
+        return None
 
 
 def rmsd_to(native: md.Trajectory) -> Observable:
@@ -222,9 +231,10 @@ def _surfaces(sets: dict[str, tuple[md.Trajectory, SampleSet]], observables: dic
               bins: int, max_residues: int) -> list[Surface]:
     out = []
     first = next(iter(sets.values()))[0]
-    phi_q, psi_q = phi_psi_atoms(first.topology)
+    phi_q, psi_q = _phi_psi_atoms(first.topology) or (torch.zeros(0, 4, dtype=torch.long),) * 2
     edges = np.linspace(-math.pi, math.pi, bins + 1)
-    residues = np.unique(np.linspace(0, len(phi_q) - 1, min(len(phi_q), max_residues)).round().astype(int))
+    residues = np.unique(np.linspace(0, len(phi_q) - 1, min(len(phi_q), max_residues)).round().astype(int)) \
+        if len(phi_q) else []
     for r in residues:
         res = first.topology.atom(int(phi_q[r, 1])).residue
         surf = Surface(f"phi-psi {res}", [edges.tolist(), edges.tolist()])
@@ -322,6 +332,7 @@ def evaluate(
         temperature = model.system.temperature
         label = label or (str(source) if isinstance(source, (str, Path)) else type(model).__name__)
     top = traj.topology
+    gen_set = SampleSet(log_w, n_boot=n_boot, min_ess=min_ess, seed=seed)
     if stats.get("sampler"):
         # resampled particles carry equal weights: their spread says nothing about the proposal
         sampling = {"sampler": stats["sampler"], "n_ancestors": stats.get("n_ancestors"),
@@ -329,10 +340,8 @@ def evaluate(
         if stats.get("n_ancestors") is not None and stats["n_ancestors"] < 0.1 * traj.n_frames:
             warnings.append(f"only {stats['n_ancestors']} of {traj.n_frames} particles have distinct ancestors "
                             "(< 10 %): the particles' estimates rest on those few proposals")
-        gen_set = SampleSet(log_w, n_boot=n_boot, min_ess=min_ess, seed=seed)
         warnings.append("SMC particles are not independent draws: bootstrap error bars understate the error")
     else:
-        gen_set = SampleSet(log_w, n_boot=n_boot, min_ess=min_ess, seed=seed)
         sampling = {"ess": _ess_estimate(log_w, n_boot, seed, min_ess).as_dict()}
         if gen_set.ess() < min_ess:
             warnings.append(f"ESS {gen_set.ess():.0f} < {min_ess:g} samples: error bars of weighted estimates "
@@ -357,7 +366,7 @@ def evaluate(
         obs_values[key] = {name: np.asarray(f(t), dtype=float) for name, f in observables.items()}
     obs = {name: {key: ss.estimate(torch.as_tensor(obs_values[key][name])[:, None])[0] for key, (_, ss) in sets.items()}
            for name in observables}
-    surfaces = _surfaces(sets, obs_values, bins, max_residues) if len(phi_psi_atoms(top)[0]) or observables else []
+    surfaces = _surfaces(sets, obs_values, bins, max_residues)
     return Report(label=label, n_samples=traj.n_frames, energy=energy_name,
                   temperature=temperature or 300.0, sampling=sampling, states=names, populations=pops,
                   free_energies=dfs, observables=obs, surfaces=surfaces, warnings=warnings,

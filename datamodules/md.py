@@ -177,9 +177,11 @@ class MDDataModule(L.LightningDataModule):
         bounds = {"train": (0, n_train), "val": (a, a + n_val), "test": (b, len(xyz))}
         for key, (a, b) in bounds.items():
             self.positions[key] = torch.from_numpy(np.ascontiguousarray(xyz[a:b], dtype=np.float32))
-        hot = [self._load_frames(k)[:n_train] for k in self.training_states if k != 0]
-        train = [self.positions["train"]] if 0 in self.training_states else []
-        self.positions["train"] = torch.cat(train + [torch.from_numpy(np.ascontiguousarray(h)) for h in hot])
+        if self.training_states != [0]:
+            self.positions["train"] = torch.cat([
+                self.positions["train"] if k == 0 else
+                torch.from_numpy(np.ascontiguousarray(self._load_frames(k)[:n_train], dtype=np.float32))
+                for k in self.training_states])
         if len(self.positions["train"]) == 0:
             raise ValueError(f"data: no training frames ({n} frames in total); add frames or lower the stride")
         self._datasets.clear()

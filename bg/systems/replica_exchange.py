@@ -124,7 +124,7 @@ def state_frame_files(out_dir: str | Path, state: int) -> list[Path]:
             with _quietly():
                 reporter = multistate.MultiStateReporter(str(walker_dir(out_dir, walker) / "storage.nc"), open_mode="r")
                 try:
-                    _write_states(_by_state(reporter, system, s), system, target, range(1, s.n_replicas))
+                    _write_states(_by_state(reporter, system, s)[0], system, target, range(1, s.n_replicas))
                 finally:
                     reporter.close()
         files.append(path)
@@ -212,12 +212,10 @@ def _run_walker(system_dir: str, out_dir: str, settings: dict, walker: int, queu
 def _export(reporter, system: MolecularSystem, s: ReplicaExchangeSettings, path: Path, final: Path) -> None:
     """Write the frames of every state (the target's to ``path``, to be moved to ``final``; hotter ones
     beside ``final``, see :func:`state_frame_files`) and this walker's statistics (``<walker>/stats.json``)."""
-    by_state = _by_state(reporter, system, s)
+    by_state, state_of, its = _by_state(reporter, system, s)
     _write_states(by_state, system, final, range(1, s.n_replicas))
     md.Trajectory(by_state[:, 0], system.topology).save_dcd(str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
-    state_of = np.asarray(reporter.read_replica_thermodynamic_states())  # (iterations + 1, replicas)
-    its = range(s.equilibration_iterations + 1, s.equilibration_iterations + 1 + len(by_state))
     accepted, proposed = reporter.read_mixing_statistics()  # (iterations, states, states) each
     positive = [float(phi_positive(by_state[:, k], system.topology).mean()) for k in range(s.n_replicas)]
     target_phi = phi_positive(by_state[:, 0], system.topology).astype(float)
@@ -234,9 +232,10 @@ def _export(reporter, system: MolecularSystem, s: ReplicaExchangeSettings, path:
     (path.parent / "stats.json").write_text(json.dumps(out, indent=2))
 
 
-def _by_state(reporter, system: MolecularSystem, s: ReplicaExchangeSettings) -> np.ndarray:
+def _by_state(reporter, system: MolecularSystem, s: ReplicaExchangeSettings) -> tuple[np.ndarray, np.ndarray, range]:
     """``(iterations, n_replicas, N, 3)`` float32 nm: each saved iteration's positions by thermodynamic state
-    (whichever replica held it), after equilibration."""
+    (whichever replica held it), after equilibration; with the state of each replica per stored iteration
+    ``(iterations + 1, n_replicas)`` and the iterations exported."""
     from openmm import unit
 
     state_of = np.asarray(reporter.read_replica_thermodynamic_states())  # (iterations + 1, replicas)
@@ -247,7 +246,7 @@ def _by_state(reporter, system: MolecularSystem, s: ReplicaExchangeSettings) -> 
         sampler_states = reporter.read_sampler_states(it)
         for replica, state in enumerate(state_of[it]):
             by_state[i, state] = sampler_states[replica].positions.value_in_unit(unit.nanometer)
-    return by_state
+    return by_state, state_of, its
 
 
 def phi_positive(xyz: np.ndarray, topology: md.Topology) -> np.ndarray:
