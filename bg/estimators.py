@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bg.sampling.ess import finite_log_weights, kish_ess, log_sum_weights
+
 #: the gas constant in kcal/(mol K): ΔF[kcal/mol] = ΔF[kT] · R · T
 KCAL_PER_MOL_PER_K = 0.0019872042586408316
 #: two-sided 95 % normal quantile
@@ -75,9 +77,6 @@ def statistical_inefficiency(series: np.ndarray | Tensor) -> float:
         return float(timeseries.statistical_inefficiency(series))
 
 
-def _clean(log_w: Tensor) -> Tensor:
-    log_w = log_w.detach().double().flatten()
-    return torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
 
 
 def weighted_means(features: Tensor, log_w: Tensor | None = None) -> Tensor:
@@ -85,7 +84,7 @@ def weighted_means(features: Tensor, log_w: Tensor | None = None) -> Tensor:
     f = features.double()
     if log_w is None:
         return f.mean(0)
-    lw = _clean(log_w)
+    lw = finite_log_weights(log_w)
     w = torch.exp(lw - lw.max())
     return (w[:, None] * f).sum(0) / w.sum()
 
@@ -95,12 +94,14 @@ def label_means(labels: Tensor, k: int, log_w: Tensor | None = None) -> Tensor:
     labels = labels.long().flatten()
     inside = labels >= 0
     if log_w is not None and k <= 64:
-        # as log-sum-exps, the formula of the training-time metric (bg.metrics.WeightedFraction): equal values
-        lw = _clean(log_w)
-        total = torch.logsumexp(lw, 0)
-        return torch.stack([torch.exp(torch.logsumexp(torch.where(labels == j, lw, -math.inf), 0) - total)
-                            for j in range(k)])
-    w = torch.ones(len(labels), dtype=torch.float64) if log_w is None else torch.exp(_clean(log_w) - _clean(log_w).max())
+        # the training-time metric's reduction (bg.metrics.WeightedFraction calls it too): equal values
+        total = log_sum_weights(log_w)
+        return torch.stack([torch.exp(log_sum_weights(log_w, labels == j) - total) for j in range(k)])
+    if log_w is None:
+        w = torch.ones(len(labels), dtype=torch.float64)
+    else:
+        lw = finite_log_weights(log_w)
+        w = torch.exp(lw - lw.max())
     return torch.zeros(k, dtype=torch.float64).index_add_(0, labels[inside], w[inside]) / w.sum()
 
 
@@ -120,7 +121,7 @@ class SampleSet:
                  n_boot: int = 1000, min_ess: float = 100.0, seed: int = 0):
         if log_w is None and n is None:
             raise ValueError("a sample set needs log weights or, for MD frames, their number n")
-        self.log_w = None if log_w is None else _clean(log_w)
+        self.log_w = None if log_w is None else finite_log_weights(log_w)
         self.n = len(self.log_w) if self.log_w is not None else int(n)
         self.lengths = list(lengths) if lengths is not None else [self.n]
         if sum(self.lengths) != self.n:
@@ -133,8 +134,6 @@ class SampleSet:
 
     def ess(self) -> float:
         """Kish ESS in samples (the frame count for MD; see :func:`effective_frames` for their worth)."""
-        from bg.sampling.ess import kish_ess  # keeps this module a leaf (bg.systems uses it)
-
         return float(kish_ess(self.log_w)) * self.n if self.weighted else float(self.n)
 
     def _replicate_means(self, f: Tensor | None, labels: Tensor | None, k: int, chunk: int = 64) -> Tensor:

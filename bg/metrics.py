@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from bg.sampling.ess import ess_from_log_sums, kish_ess
+from bg.sampling.ess import ess_from_log_sums, finite_log_weights, kish_ess, log_sum_weights
 
 __all__ = ["DistanceDistortion", "EffectiveSampleSize", "Wasserstein1D", "WeightedFraction", "circular_w2_1d", "kish_ess",
            "pairwise_distances", "w2_1d"]
@@ -44,11 +44,10 @@ class EffectiveSampleSize(Metric):
         self.add_state("n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, log_w: Tensor) -> None:
-        log_w = log_w.detach().double().flatten()
-        log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-        self.log_sum_w = torch.logaddexp(self.log_sum_w, torch.logsumexp(log_w, 0))
-        self.log_sum_w2 = torch.logaddexp(self.log_sum_w2, torch.logsumexp(2 * log_w, 0))
-        self.n += len(log_w)
+        lw = finite_log_weights(log_w)
+        self.log_sum_w = torch.logaddexp(self.log_sum_w, log_sum_weights(lw))
+        self.log_sum_w2 = torch.logaddexp(self.log_sum_w2, log_sum_weights(2 * lw))
+        self.n += len(lw)
 
     def compute(self) -> Tensor:
         return ess_from_log_sums(self.log_sum_w, self.log_sum_w2, self.n)
@@ -182,11 +181,8 @@ class WeightedFraction(Metric):
         self.add_state("log_all", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx=_logsumexp_reduce)
 
     def update(self, log_w: Tensor, mask: Tensor) -> None:
-        lw = log_w.detach().double().flatten()
-        lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
-        self.log_all = torch.logaddexp(self.log_all, torch.logsumexp(lw, 0))
-        inside = torch.where(mask.flatten(), lw, torch.full_like(lw, -math.inf))
-        self.log_in = torch.logaddexp(self.log_in, torch.logsumexp(inside, 0))
+        self.log_all = torch.logaddexp(self.log_all, log_sum_weights(log_w))
+        self.log_in = torch.logaddexp(self.log_in, log_sum_weights(log_w, mask))
 
     def compute(self) -> Tensor:
         if not torch.isfinite(self.log_all):

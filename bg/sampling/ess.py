@@ -16,9 +16,25 @@ def ess_from_log_sums(log_sum_w: Tensor, log_sum_w2: Tensor, n: int | Tensor) ->
     return torch.exp(2 * log_sum_w - log_sum_w2) / n
 
 
+def finite_log_weights(log_w: Tensor) -> Tensor:
+    """Log weights ``(n,)`` as float64, detached, with non-finite values (NaN energies, rejected or dropped
+    samples) as −inf: weight 0."""
+    log_w = log_w.detach().double().flatten()
+    return torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+
+
+def log_sum_weights(log_w: Tensor, mask: Tensor | None = None) -> Tensor:
+    """log Σ w over the samples where ``mask`` ``(n,)`` holds (all samples without one); −inf when none has
+    weight. The one reduction behind every importance-weighted estimate: the training-time metrics
+    (``bg.metrics``) and the analysis (``bg.estimators``) both call it, so their values agree exactly."""
+    lw = finite_log_weights(log_w)
+    if mask is not None:
+        lw = torch.where(mask.flatten().to(lw.device), lw, torch.full_like(lw, -math.inf))
+    return torch.logsumexp(lw, 0)
+
+
 def kish_ess(log_w: Tensor) -> Tensor:
     """Kish effective sample size divided by n, from log weights ``(n,)``: non-finite log weights (NaN
     energies, rejected or dropped samples) count as samples of weight 0; all zero → 0."""
-    log_w = log_w.double().flatten()
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    return ess_from_log_sums(torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), len(log_w))
+    lw = finite_log_weights(log_w)
+    return ess_from_log_sums(log_sum_weights(lw), log_sum_weights(2 * lw), len(lw))
