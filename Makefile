@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow train data bench bench-nsf bench-ddp bench-tarflow bench-cnf bench-aldp clean
+.PHONY: setup test test-slow demo train data bench bench-nsf bench-ddp bench-tarflow bench-cnf bench-aldp clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# A five-minute first run that shows every output (checkpoints, metrics, figures, samples, analysis report):
+# configs/aldp_demo.yaml through fit → predict → analyze (bg/demo.py). Not a good sampler; `make train` is.
+demo: setup
+	$(PY) -m bg.demo
 
 # The main job: split-channel NSF on alanine dipeptide (generates and caches replica-exchange data on
 # first run, ~9 min on 2 cores, then trains ~19 min); prints the checkpoint and the W&B offline run.

@@ -14,11 +14,18 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import fields
 
-from bg.systems import BUILTIN_SYSTEMS, MDSettings
+from bg.cli_errors import UsageError, check_config_files, debug_enabled, explain_exception, nearest
+
+from bg.systems import BUILTIN_SYSTEMS, FORCEFIELDS, MDSettings
 from bg.systems.replica_exchange import ReplicaExchangeSettings
 
 
@@ -34,6 +41,8 @@ def _data(args: argparse.Namespace) -> int:
                       replica_exchange=ReplicaExchangeSettings(**re_overrides), forcefield=args.forcefield,
                       temperature=args.temperature)
     start = time.time()
+    if args.system is not None and args.system.lower().endswith((".pdb", ".cif", ".pdbx")):
+        print(f"preparing {args.system}: hydrogens, force field, energy minimisation…", flush=True)
     system = dm.system
     print(f"system: {system.name}, {system.n_atoms} atoms, force field {' + '.join(system.forcefield)}, "
           f"{system.temperature} K")
@@ -81,29 +90,73 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+LIGHTNING_HELP = {
+    "fit": "train a generator: bg fit --config configs/aldp_nsf.yaml (bg fit --help lists every option)",
+    "validate": "evaluate a checkpoint on the validation frames (--config ... --ckpt_path ...)",
+    "test": "evaluate a checkpoint on the test frames (--config ... --ckpt_path ...)",
+    "predict": "draw weighted samples from a checkpoint into a folder of their own (--ckpt_path ...)",
+    "sweep-command": "the command a W&B agent would run for one drawn trial of a sweep file (FILE [--seed N])",
+}
+MD_HELP = {
+    "n_frames": "frames to save", "steps_per_frame": "MD steps between saved frames", "timestep_fs": "fs",
+    "friction_per_ps": "Langevin friction, 1/ps", "equilibration_steps": "MD steps before the first frame",
+    "chunk_frames": "frames per DCD chunk (resume granularity)", "seed": "random seed",
+    "platform": "OpenMM platform: auto (Reference below 200 atoms, else CPU), Reference, CPU, CUDA, OpenCL",
+    "threads": "CPU platform threads (default: all cores)",
+}
+RE_HELP = {
+    "n_iterations": "exchange iterations per walker (= target-temperature frames per walker)",
+    "steps_per_iteration": "MD steps between exchanges and saved frames", "n_replicas": "temperatures in the ladder",
+    "max_temperature": "K, top of the geometric ladder", "timestep_fs": "fs", "friction_per_ps": "1/ps",
+    "equilibration_iterations": "iterations dropped at the start of each walker",
+    "walkers": "independent replica-exchange runs, one process each (use the number of cores)",
+    "block_iterations": "iterations per block (progress and resume granularity)", "seed": "random seed",
+    "platform": "OpenMM platform (auto: Reference, the fastest for small molecules on CPU)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``UsageError`` line (with the nearest valid choice), not usage + exit."""
+
+    def error(self, message: str):
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"'?([\w-]+)'?", choice.group(3))
+            message = f"{choice.group(1)}: no such choice '{choice.group(2)}'{nearest(choice.group(2), options)}" \
+                      f" (choose from {', '.join(options)})"
+        raise UsageError(f"{message} ({self.prog} --help lists the options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bg", description="Boltzmann generators in PyTorch Lightning")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="bg", description="Boltzmann generators in PyTorch Lightning",
+                                     epilog="BG_DEBUG=1 (or --debug) shows the traceback behind an error message.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in LIGHTNING_HELP.items():  # parsed by LightningCLI (bg <command> --help); listed here
+        sub.add_parser(name, help=text, add_help=False)
     data = sub.add_parser("data", help="generate or check a training dataset")
     src = data.add_argument_group("source (a built-in system, or topology + trajectories)")
     src.add_argument("--system", default=None,
                      help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}), 'peptide:<SEQ>', or a PDB file")
     src.add_argument("--topology", default=None, help="topology (PDB) of --trajectories")
     src.add_argument("--trajectories", nargs="+", default=None, help="trajectory files or glob patterns")
-    data.add_argument("--stride", type=int, default=1)
+    data.add_argument("--stride", type=int, default=1, help="keep every n-th frame (default 1)")
     data.add_argument("--cache-dir", default="data", help="where generated MD goes (default: ./data)")
     data.add_argument("--generator", choices=["md", "replica_exchange"], default="md",
                       help="how data of a built-in system are generated (default: md)")
-    data.add_argument("--forcefield", default=None)
-    data.add_argument("--temperature", type=float, default=300.0)
+    data.add_argument("--forcefield", default=None,
+                      help=f"force field: a preset ({', '.join(sorted(FORCEFIELDS))}) or OpenMM XML files joined by "
+                           "'+'; default: the system's own (aldp: amber99sbildn-obc)")
+    data.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
     md = data.add_argument_group("MD settings for generated data (defaults: 10 ns of alanine dipeptide)")
     for f in fields(MDSettings):
         kind = int if f.type in ("int", "int | None") else (float if f.type == "float" else str)
-        md.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
+        md.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                        help=f"{MD_HELP.get(f.name, '')} (default {f.default})".strip())
     rex = data.add_argument_group("replica-exchange settings (--generator replica_exchange)")
     for f in fields(ReplicaExchangeSettings):
         kind = int if f.type == "int" else (float if f.type == "float" else str)
-        rex.add_argument(f"--re-{f.name.replace('_', '-')}", dest="re_" + f.name, type=kind, default=None)
+        rex.add_argument(f"--re-{f.name.replace('_', '-')}", dest="re_" + f.name, type=kind, default=None,
+                         help=f"{RE_HELP.get(f.name, '')} (default {f.default})".strip())
     data.set_defaults(func=_data)
 
     an = sub.add_parser("analyze", help="populations, free energies and surfaces with error bars (bg.evaluate)")
@@ -130,37 +183,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = (*LIGHTNING_COMMANDS, "data", "analyze", "sweep-command")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv else None
+    try:
+        return _dispatch(argv)
+    except _user_errors() as exc:
+        if debug:
+            raise
+        where = f"bg {command}" if command in COMMANDS else "bg"
+        print(f"{where}: error: {explain_exception(exc)}", file=sys.stderr)
+        _close_wandb_quietly()
+        return 2
+
+
+def _close_wandb_quietly() -> None:
+    """End a W&B run the failed command had started without its sync advice (nothing worth syncing)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        os.environ["WANDB_SILENT"] = "true"
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            wandb.run.finish(exit_code=2, quiet=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (printed as one line); anything else is a bug and keeps its traceback.
+    Evaluated only when an exception is being matched, so Lightning is not imported for `bg data`."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return UsageError, ValueError, FileNotFoundError, OSError, MisconfigurationException
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("--config") or argv[0] == "--print_config"):
         from bg.lightning_cli import run
 
-        run(argv)
+        check_config_files(argv)
+        with warnings.catch_warnings():
+            # bg passes its own argv on purpose (the `--debug` flag is removed from it)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            # Lightning's own use of a deprecated torch API: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            run(argv)
         return 0
     if argv and argv[0] == "sweep-command":
         from bg.sweeps import main as sweep_main
 
-        try:
-            sweep_main(argv[1:])
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"bg: error: {exc}", file=sys.stderr)
-            return 2
+        sweep_main(argv[1:])
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
-        print(f"\nLightning commands: {', '.join(LIGHTNING_COMMANDS)} (e.g. bg fit --config configs/aldp_nsf.yaml; "
-              "bg fit --help)\nsweep-command FILE [--seed N]: the command a W&B agent would run for one trial")
         return 0 if argv else 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        options = [o for action in sub._actions for o in action.option_strings]
+        unknown = next((e.split("=")[0] for e in extra if e.startswith("-")), extra[0])
+        raise UsageError(f"unrecognized argument {unknown}{nearest(unknown, options)} (bg {args.command} --help lists "
+                         "the options)")
     if args.command == "data" and args.system is None and args.topology is None:
         args.system = "aldp"
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"bg: error: {exc}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

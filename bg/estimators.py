@@ -19,10 +19,7 @@ Energies in kT; :data:`KCAL_PER_MOL_PER_K` converts a free energy at temperature
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -30,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bg.quiet import quietly
 from bg.sampling.ess import finite_log_weights, kish_ess, log_sum_weights
 
 #: the gas constant in kcal/(mol K): ΔF[kcal/mol] = ΔF[kT] · R · T
@@ -70,8 +68,7 @@ def statistical_inefficiency(series: np.ndarray | Tensor) -> float:
     series = np.asarray(series.detach().cpu() if isinstance(series, Tensor) else series, dtype=float)
     if len(series) < 3 or np.ptp(series) == 0:
         return 1.0
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with quietly():
         from pymbar import timeseries
 
         return float(timeseries.statistical_inefficiency(series))

@@ -16,18 +16,23 @@ agent's run.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import callbacks  # noqa: F401  (short class names in configs resolve to these)
 import datamodules  # noqa: F401
 from bg.checkpointing import AtomicCheckpointIO, find_last_checkpoint
+from bg.cli_errors import UsageError, explain_parser_error
 from bg.models import BoltzmannGenerator
 from callbacks import LossStages, PreemptionCheckpoint
 from callbacks.figures import run_directory
@@ -72,6 +77,18 @@ INFERENCE_OPTIONS = ("predict_samples", "sample_batch_size", "energy_backend", "
                      "com_correction")
 
 
+class BGArgumentParser(LightningArgumentParser):
+    """jsonargparse's parser, whose errors end in one ``UsageError`` line instead of the usage text and an
+    exit (``bg.cli.main`` prints it). Parsers nested in another's parsing keep jsonargparse's behaviour."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # a nested parser tried inside another's parsing: jsonargparse recovers
+            return super().error(message, ex)
+        words = self.prog.split()
+        sub = words[-1] if words and words[-1] in ("fit", "validate", "test", "predict") else None
+        raise UsageError(explain_parser_error(message, sub)) from ex
+
+
 class BGCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(LossStages, "loss")
@@ -87,6 +104,9 @@ class BGCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "predict" and config.get("trainer.logger") is not False:
+            # sampling logs nothing: no empty W&B run per prediction (the samples go to a folder of their own)
+            config["trainer.logger"] = False
         logger = config.get("trainer.logger")
         in_sweep = bool(os.environ.get("WANDB_SWEEP_ID")) and os.environ.get("WANDB_MODE") != "offline"
         if in_sweep and getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("offline"):
@@ -96,6 +116,10 @@ class BGCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.fast_dev_run:
+            # Lightning promises no checkpoints under fast_dev_run, yet ModelCheckpoint(save_last=True) still
+            # writes last.ckpt when training ends (into ./checkpoints, as no logger runs): drop them here
+            trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
         if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -131,7 +155,8 @@ class BGCLI(LightningCLI):
             raise ValueError("bg predict needs --ckpt_path (a checkpoint written by bg fit)")
         if isinstance(model, BoltzmannGenerator):
             model.build_from_checkpoint(ckpt_path)
-        return self.trainer.predict(model, ckpt_path=ckpt_path, **kwargs)
+        with _stop_on_sigterm("bg predict"):
+            return self.trainer.predict(model, ckpt_path=ckpt_path, **kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -157,9 +182,29 @@ class BGCLI(LightningCLI):
                     print(f"W&B run: {logger.experiment.url}")
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm(what: str):
+    """Stop at SIGTERM (Lightning's own handler only takes note, which a sampling loop never reads): nothing
+    of a half-drawn sample is worth keeping. Exit code 143, as for a process killed by the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"{what}: SIGTERM, stopping (no samples written)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: list[str] | None = None, run_subcommand: bool = True) -> BGCLI:
     """Run the LightningCLI with ``args`` (default: ``sys.argv[1:]``); with ``run_subcommand=False`` only
     parse ``args`` (no subcommand) and instantiate model, data and trainer."""
     return BGCLI(BoltzmannGenerator, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args, run=run_subcommand,
-                 parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"})
+                 parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"},
+                 parser_class=BGArgumentParser)

@@ -68,10 +68,27 @@ def _phi_psi_atoms(topology: md.Topology) -> tuple[Tensor, Tensor] | None:
         return None
 
 
+def matched_atoms(native: md.Topology, other: md.Topology, atoms: np.ndarray) -> np.ndarray:
+    """Indices in ``other`` of the ``native`` atoms ``atoms``, matched by residue position and atom name, so that
+    a native structure from another file (another atom order, hydrogens named alike) works; an error names
+    the first atom that has no match."""
+    where = {(a.residue.index, a.name): a.index for a in other.atoms}
+    out = []
+    for i in atoms:
+        atom = native.atom(int(i))
+        j = where.get((atom.residue.index, atom.name))
+        if j is None:
+            raise ValueError(f"native atom {atom} (residue {atom.residue.index + 1}) has no atom of that name in the "
+                             f"samples' topology; give a native structure of the same molecule")
+        out.append(j)
+    return np.asarray(out)
+
+
 def rmsd_to(native: md.Trajectory) -> Observable:
     """RMSD (nm) of the backbone heavy atoms to ``native`` after optimal superposition."""
     atoms = native.topology.select("backbone")
-    return lambda traj: md.rmsd(traj, native, 0, atom_indices=atoms)
+    return lambda traj: md.rmsd(traj, native, 0, atom_indices=matched_atoms(native.topology, traj.topology, atoms),
+                                ref_atom_indices=atoms)
 
 
 def native_contacts(native: md.Trajectory, beta: float = 50.0, lam: float = 1.8, cutoff: float = 0.45) -> Observable:
@@ -82,7 +99,12 @@ def native_contacts(native: md.Trajectory, beta: float = 50.0, lam: float = 1.8,
                       if abs(native.topology.atom(i).residue.index - native.topology.atom(j).residue.index) > 3])
     r0 = md.compute_distances(native[0], pairs)[0]
     pairs, r0 = pairs[r0 < cutoff], r0[r0 < cutoff]
-    return lambda traj: np.mean(1.0 / (1.0 + np.exp(beta * (md.compute_distances(traj, pairs) - lam * r0))), axis=1)
+
+    def q(traj: md.Trajectory) -> np.ndarray:
+        mapped = matched_atoms(native.topology, traj.topology, pairs.ravel()).reshape(pairs.shape)
+        return np.mean(1.0 / (1.0 + np.exp(beta * (md.compute_distances(traj, mapped) - lam * r0))), axis=1)
+
+    return q
 
 
 def radius_of_gyration(traj: md.Trajectory) -> np.ndarray:

@@ -43,13 +43,20 @@ from bg.sampling import SMCSampler
 from callbacks.figures import log_figure, log_histogram
 
 
+#: samples per evaluation under ``trainer.fast_dev_run``
+FAST_DEV_RUN_SAMPLES = 256
+#: the beginnings of the names this callback logs (only on its evaluation epochs)
+LOGGED = ("val/ess", "val/distance_distortion", "val/energy_w2", "val/torsion_w2", "val/finite_fraction",
+          "val/low_energy_fraction", "val/basin_", "val/smc_")
+
+
 class SampleEvaluation(Callback):
     """Evaluate generated samples against held-out MD (see module docstring).
 
     Args:
         every_n_epochs: evaluate on validation runs at the end of epochs 1-based divisible by n (and at
             the last epoch); combine with ``trainer.check_val_every_n_epoch``.
-        n_samples: samples per evaluation, over all ranks.
+        n_samples: samples per evaluation, over all ranks (at most 256 under ``trainer.fast_dev_run``).
         batch_size: sampling batch size (default: the module's ``sample_batch_size``).
         reference: DataModule split used as reference (``val`` or ``test``).
         max_reference: at most this many reference frames.
@@ -91,6 +98,28 @@ class SampleEvaluation(Callback):
                                               pl_module.energy, self.max_reference)
         return self._ref
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not trainer.fast_dev_run:  # fast_dev_run validates every epoch and saves nothing
+            self._check_schedule(trainer)
+
+    def _check_schedule(self, trainer: L.Trainer) -> None:
+        """Refuse, at set-up, a checkpoint that monitors one of this callback's metrics on validation epochs
+        without an evaluation (Lightning would stop the run there, after the first such epoch)."""
+        val_every = trainer.check_val_every_n_epoch or 1
+        for ckpt in trainer.checkpoint_callbacks:
+            monitor = getattr(ckpt, "monitor", None)
+            if not monitor or not monitor.startswith(LOGGED):
+                continue
+            ckpt_every = getattr(ckpt, "_every_n_epochs", 1) or 1
+            checked = math.lcm(val_every, ckpt_every)  # epochs (1-based multiples) on which it reads the metric
+            if checked % self.every_n_epochs:
+                raise ValueError(
+                    f"trainer.check_val_every_n_epoch {val_every} validates on epochs without a sample evaluation "
+                    f"(SampleEvaluation every_n_epochs {self.every_n_epochs}), where ModelCheckpoint(monitor="
+                    f"'{monitor}') finds no value: set trainer.check_val_every_n_epoch to a multiple of "
+                    f"{self.every_n_epochs}, or SampleEvaluation's every_n_epochs to {math.gcd(self.every_n_epochs, checked)}"
+                    f", or that checkpoint's every_n_epochs to {self.every_n_epochs}")
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -130,14 +159,16 @@ class SampleEvaluation(Callback):
         metrics.update(sampler_metrics(out, n, "smc_"))
         return particles
 
-    def chunks(self, world_size: int, rank: int, default_batch: int) -> list[tuple[int, int]]:
-        """(index, size) of the sample chunks this rank draws. The chunking depends on ``n_samples`` and
-        the batch size only, so the union over ranks is the same set of samples for any number of ranks
-        (when ``n_samples`` ≥ ranks × batch size; otherwise the chunks shrink so that no rank idles)."""
+    def chunks(self, world_size: int, rank: int, default_batch: int, n_samples: int | None = None) -> list[tuple[int, int]]:
+        """(index, size) of the sample chunks this rank draws. The chunking depends on ``n_samples`` (default:
+        the callback's) and the batch size only, so the union over ranks is the same set of samples for any
+        number of ranks (when ``n_samples`` ≥ ranks × batch size; otherwise the chunks shrink so that no rank
+        idles)."""
+        n = n_samples or self.n_samples
         bs = self.batch_size or default_batch
-        if math.ceil(self.n_samples / bs) < world_size:
-            bs = math.ceil(self.n_samples / world_size)
-        sizes = [min(bs, self.n_samples - i) for i in range(0, self.n_samples, bs)]
+        if math.ceil(n / bs) < world_size:
+            bs = math.ceil(n / world_size)
+        sizes = [min(bs, n - i) for i in range(0, n, bs)]
         return [(k, size) for k, size in enumerate(sizes) if k % world_size == rank]
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
@@ -149,7 +180,9 @@ class SampleEvaluation(Callback):
         dev = pl_module.device
         parts = []
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
-            for k, size in self.chunks(trainer.world_size, trainer.global_rank, pl_module.sample_batch_size):
+            # fast_dev_run checks the code path, not the sampler: a few hundred samples do that in seconds
+            n = min(self.n_samples, FAST_DEV_RUN_SAMPLES) if trainer.fast_dev_run else self.n_samples
+            for k, size in self.chunks(trainer.world_size, trainer.global_rank, pl_module.sample_batch_size, n):
                 torch.manual_seed(stream_seed(self.seed, trainer.global_step, k))
                 parts.append(pl_module.proposal.weigh(size, pl_module.energy, batch_size=size))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -15,11 +15,13 @@ In a config::
 from __future__ import annotations
 
 import glob
+import json
 import re
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import mdtraj as md
 import numpy as np
 import torch
@@ -29,7 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.loaders import ResumableLoader, distributed_sampler
 
 from bg.choices import check_choices
-from bg.systems import MDSettings, MolecularSystem, get_system, load_pdb, simulate, trajectory_files
+from bg.quiet import quiet_c_output
+from bg.systems import FORCEFIELDS, MDSettings, MolecularSystem, get_system, load_pdb, simulate, trajectory_files
+from bg.systems.system import resolve_forcefield
 from bg.systems.replica_exchange import ReplicaExchangeSettings, replica_exchange, split_gap, state_frame_files
 
 Generator = Literal["md", "replica_exchange"]
@@ -97,6 +101,8 @@ class MDDataModule(L.LightningDataModule):
             raise ValueError(f"data: topology {topology} given without trajectories; list the trajectory files")
         if stride < 1:
             raise ValueError(f"data: stride must be ≥ 1, got {stride}")
+        if batch_size < 1:
+            raise ValueError(f"data: batch_size must be ≥ 1, got {batch_size}")
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6 or split[0] <= 0:
             raise ValueError(f"data: split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
         check_choices(MDDataModule.__init__, {"generator": generator}, "data.")
@@ -134,14 +140,57 @@ class MDDataModule(L.LightningDataModule):
         """The molecule (topology, force field, reference positions)."""
         if self._system is None:
             if self.topology_path is not None:
-                path = Path(self.topology_path)
-                if not path.exists():
-                    raise FileNotFoundError(f"{path}: topology file not found; check data.topology in your config")
-                self._system = load_pdb(path, forcefield=self.forcefield or "amber14-obc2",
+                path = self._topology_file()
+                self._system = load_pdb(path, forcefield=self._trajectory_forcefield(),
                                         temperature=self.temperature, minimize=False)
             else:
                 self._system = get_system(self.system_spec, temperature=self.temperature, forcefield=self.forcefield)
         return self._system
+
+    def _topology_file(self) -> Path:
+        path = Path(self.topology_path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path}: topology file not found; check data.topology in your config, or make the data first "
+                "with `bg data` (the config's header has the command; `bg data --help`)")
+        return path
+
+    def recorded_system(self) -> tuple[dict, Path] | None:
+        """The ``system.json`` bg writes beside its MD (force field, temperature), found next to the topology or
+        the trajectories (or one folder up, for ``chunks/``), with its path; None for trajectories without one."""
+        folders = [Path(self.topology_path).parent] if self.topology_path else []
+        for pattern in self.trajectory_patterns:
+            parent = Path(pattern).parent
+            folders += [parent, parent.parent]
+        for folder in dict.fromkeys(folders):
+            record = folder / "system.json"
+            if record.is_file():
+                return json.loads(record.read_text()), record
+        return None
+
+    def _trajectory_forcefield(self) -> tuple[str, ...]:
+        """The force field of your own trajectories: ``forcefield`` as given, checked against the record of the
+        MD beside them; the record's when none is given; with neither, an error (importance weights under
+        another energy function than the data's are silently wrong)."""
+        found = self.recorded_system()
+        if found is not None:
+            record, path = found
+            recorded = tuple(record.get("forcefield") or ())
+            if self.forcefield is not None and resolve_forcefield(self.forcefield) != recorded:
+                raise ValueError(
+                    f"data.forcefield {self.forcefield} ({' + '.join(resolve_forcefield(self.forcefield))}) is not the "
+                    f"force field of the MD ({' + '.join(recorded)}, recorded in {path}); weights under another energy "
+                    "than the data's are wrong: drop data.forcefield to use the recorded one")
+            if record.get("temperature") is not None and abs(float(record["temperature"]) - self.temperature) > 1e-6:
+                raise ValueError(
+                    f"data.temperature {self.temperature} K is not the temperature of the MD ({record['temperature']} K, "
+                    f"recorded in {path}); set data.temperature to {record['temperature']}")
+            return recorded
+        if self.forcefield is None:
+            raise ValueError(
+                "data.forcefield is required with your own trajectories: the force field the MD ran with (presets: "
+                f"{', '.join(sorted(FORCEFIELDS))}, or an OpenMM XML file); the samples are weighed with it")
+        return resolve_forcefield(self.forcefield)
 
     @property
     def topology(self) -> md.Topology:
@@ -204,7 +253,15 @@ class MDDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
-        return ResumableLoader(ds, batch_size=self.batch_size, sampler=distributed_sampler(ds, shuffle=True),
+        sampler = distributed_sampler(ds, shuffle=True)
+        per_rank = len(sampler)
+        batch_size = self.batch_size
+        if per_rank < batch_size:
+            # drop_last would leave no batch at all: train on everything each step instead, and say so
+            batch_size = per_rank
+            rank_zero_info(f"data: batch_size {self.batch_size} > {per_rank} training frames per process; training on "
+                           f"batches of {per_rank} (set data.batch_size ≤ {per_rank} to choose another size)")
+        return ResumableLoader(ds, batch_size=batch_size, sampler=sampler,
                                drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                position=self._train_position)
 
@@ -262,9 +319,11 @@ class MDDataModule(L.LightningDataModule):
         return paths
 
     def _load_frames(self, state: int = 0) -> np.ndarray:
+        if self.topology_path is not None:
+            self._topology_file()  # before the trajectories: a config without its data names the topology first
+        paths = self.trajectory_paths(state)
         top = self.topology
         topology_name = self.topology_path or f"system {self.system_spec}"
-        paths = self.trajectory_paths(state)
         if not paths:
             raise FileNotFoundError(f"{self.md_dir}: no MD frames; run prepare_data() (or `bg data`) first")
         frames = []
@@ -280,11 +339,16 @@ def _load_checked(path: Path, top: md.Topology, topology_name: str, stride: int)
     """Frames ``(F, N, 3)`` nm of one file, with one clear error per kind of bad input."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: trajectory file not found; check data.trajectories in your config")
+    readers = md.formats.registry.FormatRegistry.loaders
+    if not any(path.name.lower().endswith(ext) for ext in readers):
+        raise ValueError(f"{path}: mdtraj has no reader for '{path.suffix}' files; convert it to one of "
+                         f"{', '.join(e for e in ('.dcd', '.xtc', '.trr', '.nc', '.h5', '.pdb') if e in readers)}, …")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the trajectory file is empty; regenerate it or remove it from data.trajectories")
     try:
-        traj = md.load(str(path), top=top, stride=stride)
-    except (ValueError, IndexError) as exc:
+        with quiet_c_output():  # the DCD reader prints two lines per file
+            traj = md.load(str(path), top=top, stride=stride)
+    except (ValueError, IndexError, OSError, KeyError) as exc:
         n_file = _count_atoms(path)
         if n_file is not None and n_file != top.n_atoms:
             raise ValueError(

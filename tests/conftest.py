@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,13 @@ import pytest
 from bg.systems import MDSettings, aldp, load_md, simulate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def predicted_folder(output: str) -> Path:
+    """The folder of its own that a `bg predict` printed (``wrote N samples to <folder>/samples.dcd``)."""
+    found = re.findall(r"samples to (\S+)/samples[\w]*\.\w+", output)
+    assert found, output
+    return Path(found[-1])
 
 
 def shared_file(name: str) -> Path:

@@ -14,6 +14,7 @@ import bg
 from bg.metrics import kish_ess
 from bg.models import EquivariantCNF
 from bg.sampling import ImportanceSampler, SMCSampler
+from tests.conftest import predicted_folder
 from tests.test_nsf_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_predict_writes_samples_with_flags_and_the_checkpoint_restores_the_sampl
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path", str(ckpt)], tmp_path)
     assert "sample checks: wrong chirality" in out
-    npz = np.load(tmp_path / "samples" / "samples.npz")
+    npz = np.load(predicted_folder(out) / "samples.npz")
     assert {"log_q", "energy_kT", "log_w", "wrong_chirality", "broken_topology", "valid"} <= set(npz.files)
     assert len(npz["log_w"]) == 20 and npz["valid"].dtype == bool
     assert np.array_equal(np.isneginf(npz["log_w"]), ~npz["valid"] | ~np.isfinite(npz["energy_kT"]))

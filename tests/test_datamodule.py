@@ -109,7 +109,8 @@ def test_unknown_residue_in_topology(files, tmp_path):
     path, _ = files
     text = (path / "top.pdb").read_text().replace("ALA", "NLE")
     (tmp_path / "nle.pdb").write_text(text)
-    dm = MDDataModule(topology=str(tmp_path / "nle.pdb"), trajectories=[str(path / "run1.dcd")])
+    dm = MDDataModule(topology=str(tmp_path / "nle.pdb"), trajectories=[str(path / "run1.dcd")],
+                      forcefield="amber99sbildn-obc")
     with pytest.raises(ValueError, match=r"nle\.pdb: residue NLE2 .* replace it"):
         dm.setup()
 
@@ -123,3 +124,29 @@ def test_bad_arguments():
         MDDataModule(system="aldp", stride=0)
     with pytest.raises(ValueError, match="without trajectories"):
         MDDataModule(topology="x.pdb")
+
+
+def test_forcefield_travels_with_bg_md(aldp_md_dir, files):
+    """bg's MD records its force field: trajectories beside the record get it, a different one is refused, and
+    trajectories without a record need one named."""
+    chunks = [str(aldp_md_dir / "chunks" / "chunk_*.dcd")]
+    recorded = MDDataModule(topology=str(aldp_md_dir / "topology.pdb"), trajectories=chunks)
+    assert recorded.system.forcefield == ("amber99sbildn.xml", "amber99_obc.xml")
+    with pytest.raises(ValueError, match=r"data.forcefield amber14-obc2 .*amber99sbildn.xml \+ amber99_obc.xml, recorded"):
+        MDDataModule(topology=str(aldp_md_dir / "topology.pdb"), trajectories=chunks, forcefield="amber14-obc2").system
+    with pytest.raises(ValueError, match=r"data.temperature 310.0 K is not the temperature of the MD \(300"):
+        MDDataModule(topology=str(aldp_md_dir / "topology.pdb"), trajectories=chunks, temperature=310.0).system
+    path, _ = files  # a user's own files: no record
+    with pytest.raises(ValueError, match="data.forcefield is required with your own trajectories"):
+        MDDataModule(topology=str(path / "top.pdb"), trajectories=[str(path / "run1.dcd")]).system
+
+
+def test_batch_larger_than_the_training_set_trains_on_all_frames(files):
+    path, _ = files
+    dm = MDDataModule(topology=str(path / "top.pdb"), trajectories=[str(path / "run1.dcd")], batch_size=1024,
+                      forcefield="amber99sbildn-obc")
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 1 and len(batches[0][0]) == len(dm.positions["train"])
+    with pytest.raises(ValueError, match="batch_size must be ≥ 1, got -5"):
+        MDDataModule(system="aldp", batch_size=-5)

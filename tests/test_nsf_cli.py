@@ -3,8 +3,10 @@ checkpoints, figures, sample files, `bg.load_generator`, the W&B offline default
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mdtraj as md
@@ -15,6 +17,7 @@ import yaml
 
 import bg
 from bg.energy import OpenMMEnergy
+from tests.conftest import predicted_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "aldp_nsf.yaml"
@@ -86,14 +89,36 @@ def test_predict_writes_readable_samples_with_correct_weights(fitted, aldp_syste
     out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path",
                str(tmp_path / "ckpt" / "last.ckpt"), "--model.init_args.predict_samples=30"], tmp_path)
     assert "wrote 30 samples" in out
-    traj = md.load(str(tmp_path / "samples" / "samples.dcd"), top=str(tmp_path / "samples" / "topology.pdb"))
-    weights = np.load(tmp_path / "samples" / "samples.npz")
+    folder = predicted_folder(out)
+    assert folder.parent == tmp_path / "samples"  # a folder of this prediction's own
+    traj = md.load(str(folder / "samples.dcd"), top=str(folder / "topology.pdb"))
+    weights = np.load(folder / "samples.npz")
     assert traj.n_frames == 30 and traj.n_atoms == 22
     np.testing.assert_allclose(weights["log_w"], -weights["energy_kT"] - weights["log_q"])
     # Energies recomputed by OpenMM on the written (float32) frames agree.
     u = OpenMMEnergy(aldp_system.create_openmm_system(), aldp_system.temperature)(torch.tensor(traj.xyz, dtype=torch.float64))
     finite = np.isfinite(weights["energy_kT"]) & (weights["energy_kT"] < 1e4)
     np.testing.assert_allclose(u.numpy()[finite], weights["energy_kT"][finite], rtol=1e-3, atol=0.05)
+
+
+def test_predict_stops_at_sigterm(fitted):
+    tmp_path, small, _ = fitted
+    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    log = tmp_path / "predict_sigterm.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bg", "predict", "--config", str(CONFIG), "--config", str(small),
+                                 "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                                 "--model.init_args.predict_samples=2000000"], cwd=tmp_path, env=environ, stdout=fh,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "Predicting" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    text = log.read_text()
+    assert rc == 143 and "bg predict: SIGTERM, stopping (no samples written)" in text, text[-2000:]
+    assert "Traceback" not in text
+    assert not [d for d in (tmp_path / "samples").iterdir() if d.is_dir() and not any(d.iterdir())]  # no empty folder
 
 
 def test_load_generator_in_a_notebook(fitted, aldp_system):
@@ -119,6 +144,10 @@ def test_wandb_offline_default_prints_where_the_run_is(tmp_path, aldp_data_args,
         run_dir = tmp_path / run_dir
     assert run_dir.name.startswith("offline-run-") and (run_dir / "files" / "bg_config.yaml").exists()
     assert f"wandb sync {line.split(':', 1)[1].strip()}" in out
+    runs = sorted(run_dir.parent.glob("offline-run-*"))
+    out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path",
+               str(tmp_path / "ckpt" / "last.ckpt")], tmp_path)
+    assert "wrote 50 samples" in out and sorted(run_dir.parent.glob("offline-run-*")) == runs  # no empty W&B run
 
 
 def test_lightning_alias_and_help():

@@ -104,3 +104,41 @@ def test_smc_particles_get_no_headline_ess_and_a_lineage_warning(reference, tmp_
     assert "distinct proposals" in report.markdown()
     with pytest.raises(FileNotFoundError, match="not a samples folder"):
         bg.evaluate(tmp_path)
+
+
+def test_protein_observables_against_direct_formulas(villin_md):
+    """RMSD, Q and Rg on villin: RMSD and Rg as mdtraj/numpy compute them directly, Q = 1 at the native state
+    and ≈ 0 when the protein is blown up, and a native structure with its atoms in another order gives the
+    same values (atoms matched by residue and name)."""
+    from bg.report import native_contacts, radius_of_gyration, rmsd_to
+    from tests.conftest import shared_file
+
+    system, xyz = villin_md
+    traj = md.Trajectory(xyz.astype(np.float32), system.topology)
+    native = traj[0]
+    backbone = native.topology.select("backbone")
+    np.testing.assert_allclose(rmsd_to(native)(traj), md.rmsd(traj, native, 0, atom_indices=backbone), atol=1e-6)
+    q = native_contacts(native)
+    assert q(native)[0] == pytest.approx(1.0, abs=0.02)
+    centre = xyz[:1].mean(1, keepdims=True)
+    blown = md.Trajectory(((xyz[:1] - centre) * 2.0 + centre).astype(np.float32), system.topology)
+    assert q(blown)[0] < 0.05
+    masses = np.array([a.element.mass for a in system.topology.atoms])
+    com = (xyz * masses[None, :, None]).sum(1, keepdims=True) / masses.sum()
+    rg = np.sqrt(((xyz - com) ** 2).sum(-1) @ masses / masses.sum())
+    np.testing.assert_allclose(radius_of_gyration(traj), rg, rtol=1e-5)
+    # the same native from another file whose atoms come in another order
+    order = np.argsort([f"{a.residue.index:04d}{a.name[::-1]}" for a in native.topology.atoms])
+    top = md.Topology()
+    chain, residues = top.add_chain(), {}
+    for i in order:
+        atom = native.topology.atom(int(i))
+        if atom.residue.index not in residues:
+            residues[atom.residue.index] = top.add_residue(atom.residue.name, chain, atom.residue.resSeq)
+        top.add_atom(atom.name, atom.element, residues[atom.residue.index])
+    shuffled = md.Trajectory(native.xyz[:, order], top)
+    assert [a.name for a in shuffled.topology.atoms] != [a.name for a in native.topology.atoms]
+    np.testing.assert_allclose(rmsd_to(shuffled)(traj), rmsd_to(native)(traj), atol=1e-5)
+    np.testing.assert_allclose(native_contacts(shuffled)(traj), q(traj), atol=1e-6)
+    # the PDB in the shared folder (as `bg analyze --native` loads it) is a valid native for these samples
+    assert np.all(np.isfinite(rmsd_to(md.load(str(shared_file("villin_1vii.pdb"))))(traj)))

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import bg
+from tests.conftest import predicted_folder
 from tests.test_nsf_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,19 +66,22 @@ def test_predict_with_importance_and_smc_samplers(fitted, aldp_system):
     out = run(base + ["--config", str(ROOT / "configs" / "sampler" / "importance.yaml"),
                       "--model.init_args.sampler.init_args.clip_top=5"], tmp_path)
     assert "importance samples" in out
-    stats = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    first = predicted_folder(out)
+    stats = json.loads((first / "samples.json").read_text())
     assert stats["sampler"] == "importance" and stats["n_clipped"] == 4  # the top 5 clipped to the 5th
-    npz = np.load(tmp_path / "samples" / "samples.npz")
+    npz = np.load(first / "samples.npz")
     assert set(npz.files) == {"log_q", "energy_kT", "log_w"} and len(npz["log_w"]) == 40
 
     smc_cfg = tmp_path / "smc.yaml"
     smc_cfg.write_text(yaml.safe_dump(dict(model=dict(init_args=dict(
         predict_samples=30, sampler=dict(class_path="bg.sampling.SMCSampler", init_args=SMC))))))
     out = run(base + ["--config", str(smc_cfg)], tmp_path)
-    assert "smc samples" in out
-    traj = md.load(str(tmp_path / "samples" / "samples.dcd"), top=str(tmp_path / "samples" / "topology.pdb"))
-    npz = np.load(tmp_path / "samples" / "samples.npz")
-    stats = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert "smc samples" in out and "ESS/n before the last resampling" in out and "distinct proposals" in out
+    folder = predicted_folder(out)
+    assert folder != first and (first / "samples.json").exists()  # the earlier prediction is kept
+    traj = md.load(str(folder / "samples.dcd"), top=str(folder / "topology.pdb"))
+    npz = np.load(folder / "samples.npz")
+    stats = json.loads((folder / "samples.json").read_text())
     assert traj.n_frames == 30 and set(npz.files) == {"energy_kT", "log_w"}
     assert stats["sampler"] == "smc" and len(stats["ess_history"]) == 3 and 0 <= stats["acceptance"] <= 1
     # the written energies are those of the written (final) particles

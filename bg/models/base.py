@@ -17,7 +17,6 @@ see CONTRIBUTING.md.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L

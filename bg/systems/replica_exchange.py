@@ -23,15 +23,12 @@ not bitwise: openmmtools draws the Langevin noise from OpenMM's own seeds.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import multiprocessing as mp
 import os
 import queue as queue_module
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bg.estimators import statistical_inefficiency
+from bg.quiet import quietly
 from bg.systems.simulate import start_run_dir
 from bg.systems.system import MolecularSystem
 
@@ -121,7 +119,7 @@ def state_frame_files(out_dir: str | Path, state: int) -> list[Path]:
             _, _, multistate, _ = _quiet_import()
             walker = int(target.stem.split("_")[1])
             system = MolecularSystem.load(out_dir)
-            with _quietly():
+            with quietly():
                 reporter = multistate.MultiStateReporter(str(walker_dir(out_dir, walker) / "storage.nc"), open_mode="r")
                 try:
                     _write_states(_by_state(reporter, system, s)[0], system, target, range(1, s.n_replicas))
@@ -143,16 +141,8 @@ def _write_states(by_state: np.ndarray, system: MolecularSystem, target: Path, s
         os.replace(str(path) + ".tmp", path)
 
 
-@contextlib.contextmanager
-def _quietly():
-    """openmmtools/pymbar print banners and warnings on import; keep the user's terminal readable."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _quiet_import():
-    with _quietly():
+    with quietly():
         import openmmtools  # noqa: F401
         from openmmtools import cache, mcmc, multistate, states  # noqa: F401
     return cache, mcmc, multistate, states

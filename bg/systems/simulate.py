@@ -72,6 +72,20 @@ def choose_platform(n_atoms: int, name: str = "auto", threads: int | None = None
     return platform, props
 
 
+def _equilibrate(context: openmm.Context, steps: int, desc: str, progress: bool, blocks: int = 100) -> None:
+    """``steps`` MD steps in ``blocks`` pieces under a progress bar (a protein's equilibration takes minutes)."""
+    if steps <= 0:
+        return
+    block = max(1, steps // blocks)
+    with tqdm(total=steps, desc=desc, unit="step", unit_scale=True, disable=not progress) as bar:
+        done = 0
+        while done < steps:
+            n = min(block, steps - done)
+            context.getIntegrator().step(n)
+            done += n
+            bar.update(n)
+
+
 def _chunk_seed(seed: int, chunk: int) -> int:
     # OpenMM treats seed 0 as "pick one at random": keep seeds positive and reproducible.
     return (seed * 1_000_003 + chunk * 7919) % (2**31 - 1) + 1
@@ -179,8 +193,7 @@ def simulate(
         context = new_context(-1)
         context.setPositions(system.positions * unit.nanometer)
         context.setVelocitiesToTemperature(system.temperature * unit.kelvin, _chunk_seed(settings.seed, -1))
-        if settings.equilibration_steps:
-            context.getIntegrator().step(settings.equilibration_steps)
+        _equilibrate(context, settings.equilibration_steps, f"equilibration {system.name}", progress)
         state = context.getState(getPositions=True, getVelocities=True, getParameters=True)
         del context
     else:
