@@ -72,15 +72,22 @@ def judge(label: str, ckpt: str, ref: dict, n: int, seed: int, batch: int, repea
     pos = (angles[:, 0] > 0).double()
     out["phi_positive_raw"] = float(pos.mean())
     out["phi_positive"], out["phi_positive_sigma"] = weighted_fraction(pos, log_w)
+    out["basins"] = basin_populations(angles[:, 0], angles[:, 1], log_w)
+    if ref is None:  # no reference at hand: ESS and reweighted populations only
+        out.update(torsion_w2=math.nan, torsion_w2_raw=math.nan, phi_positive_ok=None, torsion_w2_ok=None)
+        return out
     w = torch.softmax(torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf)), 0)
     ref_angles = ref["angles"]
     out["torsion_w2"] = float(circular_w2_1d(angles, ref_angles, w).mean())
     out["torsion_w2_raw"] = float(circular_w2_1d(angles, ref_angles).mean())
-    out["basins"] = basin_populations(angles[:, 0], angles[:, 1], log_w)
     gap = abs(out["phi_positive"] - ref["phi_positive"])
     out["phi_positive_ok"] = gap <= 2 * math.hypot(out["phi_positive_sigma"], ref["phi_positive_sigma"])
     out["torsion_w2_ok"] = out["torsion_w2"] <= 1.5 * ref["split_half_torsion_w2"]
     return out
+
+
+def yes_no(ok: bool | None) -> str:
+    return "–" if ok is None else ("yes" if ok else "no")
 
 
 def ess_cell(mean: float, draws: list[float], pooled: float) -> str:
@@ -103,7 +110,8 @@ def label_and_path(item: str) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True, help="label=path (repeatable)")
-    ap.add_argument("--reference", default="bench/runs/aldp_reference/reference.pt")
+    ap.add_argument("--reference", default="bench/runs/aldp_reference/reference.pt",
+                    help="reference.pt of bench/aldp_reference.py, or 'none' (ESS and reweighted populations only)")
     ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -112,7 +120,7 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ref = torch.load(ROOT / args.reference, weights_only=False)
+    ref = None if args.reference == "none" else torch.load(ROOT / args.reference, weights_only=False)
     rows = [judge(*label_and_path(item), ref, args.samples, args.seed, args.batch, args.repeats)
             for item in args.checkpoint]
     cmd = "python bench/aldp_judge.py " + " ".join(f"--checkpoint {c}" for c in args.checkpoint) + \
@@ -121,15 +129,16 @@ def main() -> None:
     if args.note:
         lines += [args.note, ""]
     lines += [f"Reference: {args.reference}: φ > 0 = {ref['phi_positive']:.4f} ± {ref['phi_positive_sigma']:.4f}, "
-              f"split-half φ/ψ torsion W2 {ref['split_half_torsion_w2']:.4f} rad ({ref['frames']} frames).", "",
+              f"split-half φ/ψ torsion W2 {ref['split_half_torsion_w2']:.4f} rad ({ref['frames']} frames)."
+              if ref is not None else "Reference: none (ESS/n and reweighted populations only).", "",
               "| generator | ESS/n (OpenMM) | ESS/n (torch FF) | φ>0 raw | φ>0 reweighted (±1σ) | within 2σ | "
               "φ/ψ W2 raw | φ/ψ W2 reweighted | ≤ 1.5× floor | basins reweighted (" + " / ".join(BASINS) + ") |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {ess_cell(r['ess_openmm'], r['ess_openmm_draws'], r['ess_openmm_pooled'])} | "
                      f"{ess_cell(r['ess_torch'], r['ess_torch_draws'], r['ess_torch_pooled'])} | {r['phi_positive_raw']:.4f} | "
-                     f"{r['phi_positive']:.4f} ± {r['phi_positive_sigma']:.4f} | {'yes' if r['phi_positive_ok'] else 'no'} | "
-                     f"{r['torsion_w2_raw']:.4f} | {r['torsion_w2']:.4f} | {'yes' if r['torsion_w2_ok'] else 'no'} | "
+                     f"{r['phi_positive']:.4f} ± {r['phi_positive_sigma']:.4f} | {yes_no(r['phi_positive_ok'])} | "
+                     f"{r['torsion_w2_raw']:.4f} | {r['torsion_w2']:.4f} | {yes_no(r['torsion_w2_ok'])} | "
                      f"{' / '.join(f'{v:.4f}' for v in r['basins'].values())} |")
     lines += ["", f"ESS/n: mean (min–max) over {args.repeats} independent draws of {rows[0]['n']} samples each "
               f"(seeds {args.seed}…{args.seed + args.repeats - 1}), and one ESS/n of all {args.repeats * rows[0]['n']} "

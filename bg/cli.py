@@ -207,8 +207,9 @@ def _close_wandb_quietly() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         os.environ["WANDB_SILENT"] = "true"
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            wandb.run.finish(exit_code=2, quiet=True)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.suppress(Exception):
+            wandb.run.finish(exit_code=2)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -58,6 +59,8 @@ class RunConfigSaver(SaveConfigCallback):
                          save_to_log_dir=False)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict":  # sampling has no run folder (no logger): the checkpoint holds the settings
+            return
         directory = None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -155,7 +158,9 @@ class BGCLI(LightningCLI):
             raise ValueError("bg predict needs --ckpt_path (a checkpoint written by bg fit)")
         if isinstance(model, BoltzmannGenerator):
             model.build_from_checkpoint(ckpt_path)
-        with _stop_on_sigterm("bg predict"):
+        with _stop_on_sigterm("bg predict"), warnings.catch_warnings():
+            # predict saves no checkpoint: that the checkpoint folder moved (no logger now) does not matter
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
             return self.trainer.predict(model, ckpt_path=ckpt_path, **kwargs)
 
     def after_fit(self) -> None:

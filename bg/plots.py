@@ -28,6 +28,17 @@ def _weights(log_w: Tensor | np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
+def _density_hist(ax, values: np.ndarray, bins: np.ndarray, weights: np.ndarray | None = None, **kwargs) -> None:
+    """``ax.hist(..., density=True)`` of the values inside the bins; nothing drawn when none is (or none
+    weighs anything), instead of numpy's division by a zero total (e.g. every sample of a clashing flow
+    beyond the range)."""
+    inside = (values >= bins[0]) & (values <= bins[-1])
+    w = None if weights is None else weights[inside]
+    if not inside.any() or (w is not None and w.sum() <= 0):
+        return
+    ax.hist(values[inside], bins=bins, weights=w, density=True, **kwargs)
+
+
 def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None, title: str = "",
                      others: dict[str, Tensor] | None = None) -> plt.Figure:
     """Histogram of reduced energies (kT): MD data, generated samples and, with ``log_w``, generated
@@ -40,20 +51,18 @@ def energy_histogram(u_data: Tensor, u_gen: Tensor, log_w: Tensor | None = None,
     hi = np.quantile(ud, 0.999) + 0.5 * (np.quantile(ud, 0.999) - np.quantile(ud, 0.001))
     bins = np.linspace(lo, hi, 80)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(ud, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color="gray", label="MD data")
+    _density_hist(ax, ud, bins, histtype="stepfilled", alpha=0.35, color="gray", label="MD data")
     outside = float(((ug > hi) | ~fin).mean())
-    ax.hist(ug[fin], bins=bins, density=True, histtype="step", lw=1.5, color="C0",
-            label=f"generated ({outside:.0%} beyond range)")
+    _density_hist(ax, ug[fin], bins, histtype="step", lw=1.5, color="C0",
+                  label=f"generated ({outside:.0%} beyond range)")
     if log_w is not None:
-        w = _weights(log_w)
-        if w.sum() > 0:
-            ax.hist(ug[fin], bins=bins, weights=w[fin], density=True, histtype="step", lw=1.5, color="C3",
-                    label="reweighted")
+        _density_hist(ax, ug[fin], bins, weights=_weights(log_w)[fin], histtype="step", lw=1.5, color="C3",
+                      label="reweighted")
     for k, (name, u) in enumerate((others or {}).items()):
         uo = _np(u)
         fo = np.isfinite(uo)
-        ax.hist(uo[fo], bins=bins, density=True, histtype="step", lw=1.5, color=f"C{k + 4}",
-                label=f"{name} ({float(((uo > hi) | ~fo).mean()):.0%} beyond range)")
+        _density_hist(ax, uo[fo], bins, histtype="step", lw=1.5, color=f"C{k + 4}",
+                      label=f"{name} ({float(((uo > hi) | ~fo).mean()):.0%} beyond range)")
     ax.set_xlabel("energy u (kT)")
     ax.set_ylabel("density")
     ax.set_title(title or "sample energies")

@@ -38,6 +38,7 @@ from torch import Tensor
 from bg.analysis import BASINS, basin_index, phi_psi_atoms, torsions
 from bg.estimators import (KCAL_PER_MOL_PER_K, Estimate, SampleSet, compare, free_energy_differences,
                            free_energy_surface, populations)
+from bg.quiet import quiet_c_output
 from bg.sampling.ess import kish_ess
 
 Observable = Callable[[md.Trajectory], np.ndarray]
@@ -108,8 +109,12 @@ def native_contacts(native: md.Trajectory, beta: float = 50.0, lam: float = 1.8,
 
 
 def radius_of_gyration(traj: md.Trajectory) -> np.ndarray:
-    """Radius of gyration (nm) of every frame, mass-weighted."""
-    return md.compute_rg(traj, masses=np.array([a.element.mass for a in traj.topology.atoms]))
+    """Radius of gyration (nm) of every frame, mass-weighted about the centre of mass (``mdtraj.compute_rg``
+    centres on the unweighted centroid, which differs by ~3e-4 relative for a protein)."""
+    masses = np.array([a.element.mass for a in traj.topology.atoms])
+    xyz = traj.xyz.astype(np.float64)
+    com = np.einsum("fai,a->fi", xyz, masses) / masses.sum()
+    return np.sqrt(np.einsum("fa,a->f", ((xyz - com[:, None]) ** 2).sum(-1), masses) / masses.sum())
 
 
 @dataclass
@@ -308,7 +313,8 @@ def load_samples(folder: str | Path) -> tuple[md.Trajectory, dict[str, np.ndarra
     traj_files = sorted(p for p in folder.glob("samples.*") if p.suffix not in (".npz", ".json"))
     if not traj_files or not (folder / "samples.npz").exists():
         raise FileNotFoundError(f"{folder}: not a samples folder (samples.<format> and samples.npz, from `bg predict`)")
-    traj = md.load(str(traj_files[0]), top=str(folder / "topology.pdb"))
+    with quiet_c_output():  # the DCD reader's chatter
+        traj = md.load(str(traj_files[0]), top=str(folder / "topology.pdb"))
     arrays = dict(np.load(folder / "samples.npz"))
     stats = json.loads((folder / "samples.json").read_text()) if (folder / "samples.json").exists() else {}
     return traj, arrays, stats
@@ -422,7 +428,8 @@ def _load_reference(reference, topology) -> tuple[md.Trajectory, list[int]]:
             if not Path(item).exists():
                 raise FileNotFoundError(f"{item}: reference trajectory not found")
             top = str(topology) if isinstance(topology, (str, Path)) else topology
-            trajs.append(md.load(str(item), top=top))
+            with quiet_c_output():
+                trajs.append(md.load(str(item), top=top))
     if not trajs:
         raise ValueError("reference: no trajectories given")
     return md.join(trajs, check_topology=False, discard_overlapping_frames=False), [t.n_frames for t in trajs]

@@ -85,7 +85,7 @@ def test_validation_every_epoch_with_a_metric_evaluated_every_second(tmp_path, a
              f"--data.init_args.trajectories=[{aldp_data_args['trajectories'][0]}]",
              "--model.init_args.width=16", "--model.init_args.backbone_layers=2", cwd=tmp_path)
     assert_one_line_error(out, "bg fit", r"check_val_every_n_epoch 1 .*ModelCheckpoint\(monitor='val/ess'\).*"
-                                         r"multiple of 2")
+                                         r"multiple of 4")
 
 
 # -------------------------------------------------------------------- bg data

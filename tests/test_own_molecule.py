@@ -62,7 +62,7 @@ def test_readme_recipe_end_to_end(user_md):
     out = bg("predict", "--config", CONFIG, "--config", quick, *data, "--ckpt_path", ckpt, cwd=user_md)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     samples = user_md / predicted_folder(out.stdout)
-    assert (samples / "samples.npz").exists()
+    assert (samples / "samples.npz").exists() and not (user_md / "bg_config.yaml").exists()  # nothing else written
 
     out = bg("analyze", samples, "--reference", "traj.dcd", "--topology", "protein.pdb", "--native", "protein.pdb",
              "--bootstrap", "20", "--bins", "8", "--out", "report", cwd=user_md)

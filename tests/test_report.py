@@ -87,7 +87,7 @@ def test_bg_analyze_on_a_checkpoint(model, reference, tmp_path, capsys):
     assert "Kish ESS/n" in out and f"report written to {tmp_path / 'an'}" in out
     assert (tmp_path / "an" / "report.json").exists()
     assert cli_main(["analyze", str(tmp_path / "missing.ckpt")]) == 2
-    assert "bg: error" in capsys.readouterr().err
+    assert "bg analyze: error" in capsys.readouterr().err
 
 
 def test_smc_particles_get_no_headline_ess_and_a_lineage_warning(reference, tmp_path):
@@ -123,10 +123,12 @@ def test_protein_observables_against_direct_formulas(villin_md):
     centre = xyz[:1].mean(1, keepdims=True)
     blown = md.Trajectory(((xyz[:1] - centre) * 2.0 + centre).astype(np.float32), system.topology)
     assert q(blown)[0] < 0.05
+    # Rg² = Σ_ij m_i m_j |r_i − r_j|² / (2 M²): the pair form, no centre needed
     masses = np.array([a.element.mass for a in system.topology.atoms])
-    com = (xyz * masses[None, :, None]).sum(1, keepdims=True) / masses.sum()
-    rg = np.sqrt(((xyz - com) ** 2).sum(-1) @ masses / masses.sum())
-    np.testing.assert_allclose(radius_of_gyration(traj), rg, rtol=1e-5)
+    x = traj.xyz.astype(np.float64)
+    pair = ((x[:, :, None] - x[:, None]) ** 2).sum(-1)
+    rg = np.sqrt(np.einsum("fij,i,j->f", pair, masses, masses) / (2 * masses.sum() ** 2))
+    np.testing.assert_allclose(radius_of_gyration(traj), rg, rtol=1e-9)
     # the same native from another file whose atoms come in another order
     order = np.argsort([f"{a.residue.index:04d}{a.name[::-1]}" for a in native.topology.atoms])
     top = md.Topology()
@@ -142,3 +144,20 @@ def test_protein_observables_against_direct_formulas(villin_md):
     np.testing.assert_allclose(native_contacts(shuffled)(traj), q(traj), atol=1e-6)
     # the PDB in the shared folder (as `bg analyze --native` loads it) is a valid native for these samples
     assert np.all(np.isfinite(rmsd_to(md.load(str(shared_file("villin_1vii.pdb"))))(traj)))
+
+
+def test_energy_histogram_of_samples_all_beyond_the_range_warns_nothing():
+    """A clashing flow puts every sample far above the MD energies: the figure shows the MD alone, without
+    numpy's 'invalid value encountered in divide'."""
+    import warnings
+
+    from bg import plots
+
+    u_md = torch.linspace(-30.0, -10.0, 200, dtype=torch.float64)
+    u_gen = torch.full((100,), 1e12, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.energy_histogram(u_md, u_gen, log_w=-u_gen)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["MD data"]
+    plots.close(fig)
