@@ -364,7 +364,7 @@ def evaluate(
     if stats.get("sampler"):
         # resampled particles carry equal weights: their spread says nothing about the proposal
         sampling = {"sampler": stats["sampler"], "n_ancestors": stats.get("n_ancestors"),
-                    "ess_before_resampling": _ess_before_resampling(stats), "log_z": stats.get("log_z")}
+                    "ess_before_resampling": ess_before_resampling(stats), "log_z": stats.get("log_z")}
         if stats.get("n_ancestors") is not None and stats["n_ancestors"] < 0.1 * traj.n_frames:
             warnings.append(f"only {stats['n_ancestors']} of {traj.n_frames} particles have distinct ancestors "
                             "(< 10 %): the particles' estimates rest on those few proposals")
@@ -412,7 +412,7 @@ def _ess_estimate(log_w: Tensor, n_boot: int, seed: int, min_ess: float) -> Esti
                     reliable, "" if reliable else "too few effective samples")
 
 
-def _ess_before_resampling(stats: dict[str, Any]) -> float:
+def ess_before_resampling(stats: dict[str, Any]) -> float:
     """ESS/n of the particle weights at the last annealing step, before its resampling decision."""
     history = stats.get("ess_history") or []
     return float(history[-1]) if history else math.nan

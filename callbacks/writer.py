@@ -19,7 +19,6 @@ Load them with ``mdtraj.load("samples.dcd", top="topology.pdb")`` and ``numpy.lo
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from bg.metrics import kish_ess
+from bg.report import ess_before_resampling
 
 
 class SampleWriter(BasePredictionWriter):
@@ -92,8 +92,7 @@ class SampleWriter(BasePredictionWriter):
         what = f"{stats['sampler']} " if "sampler" in stats else ""
         if "n_ancestors" in stats:
             # after resampling the weights are equal by construction: their ESS says nothing about the sample
-            history = stats.get("ess_history") or [math.nan]
-            quality = (f"ESS/n before the last resampling {float(history[-1]):.3f}; the {len(traj)} particles descend "
+            quality = (f"ESS/n before the last resampling {ess_before_resampling(stats):.3f}; the {len(traj)} particles descend "
                        f"from {stats['n_ancestors']} distinct proposals")
             if stats["n_ancestors"] < 0.1 * len(traj):
                 quality += " (fewer than 10 %: the population collapsed onto a few proposals)"
