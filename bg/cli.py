@@ -66,6 +66,9 @@ def _data(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if not Path(args.source).exists():  # before importing the models (seconds)
+        what = "checkpoint" if Path(args.source).suffix == ".ckpt" else "checkpoint or samples folder"
+        raise UsageError(f"{args.source}: {what} not found")
     import bg
 
     native = None
@@ -214,17 +217,18 @@ def _close_wandb_quietly() -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (printed as one line); anything else is a bug and keeps its traceback.
-    Evaluated only when an exception is being matched, so Lightning is not imported for `bg data`."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    return UsageError, ValueError, FileNotFoundError, OSError, MisconfigurationException
+    Evaluated only when an exception is being matched; Lightning's own error type only where Lightning is loaded
+    (importing it takes seconds, which `bg data --help` or a typo should not wait for)."""
+    exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    lightning = (exceptions.MisconfigurationException,) if exceptions is not None else ()
+    return UsageError, ValueError, FileNotFoundError, OSError, *lightning
 
 
 def _dispatch(argv: list[str]) -> int:
     if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0].startswith("--config") or argv[0] == "--print_config"):
+        check_config_files(argv)  # before Lightning's import: a misnamed file is reported at once
         from bg.lightning_cli import run
 
-        check_config_files(argv)
         with warnings.catch_warnings():
             # bg passes its own argv on purpose (the `--debug` flag is removed from it)
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

@@ -93,6 +93,8 @@ def explain_parser_error(message: str, subcommand: str | None = None) -> str:
 def explain_exception(exc: BaseException) -> str:
     """One line for an error raised while a command ran: a class's own message when jsonargparse wrapped it
     in a union-of-class-paths error while instantiating (e.g. ``data: batch_size must be ≥ 1``)."""
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:  # "[Errno 2] No such file …: 'x'"
+        return f"{exc.filename}: no such file"
     text = str(exc).strip()
     if "Does not validate against any of the Union subtypes" in text:
         first = re.search(r"Errors:\s*\n\s*- (.+?)(?=\n\s*- |\n\s*Given value|\Z)", text, re.S)

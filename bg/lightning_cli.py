@@ -35,6 +35,7 @@ import datamodules  # noqa: F401
 from bg.checkpointing import AtomicCheckpointIO, find_last_checkpoint
 from bg.cli_errors import UsageError, explain_parser_error
 from bg.models import BoltzmannGenerator
+from bg.quiet import drop_lightning_notices
 from callbacks import LossStages, PreemptionCheckpoint
 from callbacks.figures import run_directory
 
@@ -161,6 +162,8 @@ class BGCLI(LightningCLI):
         with _stop_on_sigterm("bg predict"), warnings.catch_warnings():
             # predict saves no checkpoint: that the checkpoint folder moved (no logger now) does not matter
             warnings.filterwarnings("ignore", message="The dirpath has changed")
+            # bg's predict loader yields sample counts, not dataset indices: there are no batch indices to infer
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
             return self.trainer.predict(model, ckpt_path=ckpt_path, **kwargs)
 
     def after_fit(self) -> None:
@@ -209,6 +212,7 @@ def _stop_on_sigterm(what: str):
 def run(args: list[str] | None = None, run_subcommand: bool = True) -> BGCLI:
     """Run the LightningCLI with ``args`` (default: ``sys.argv[1:]``); with ``run_subcommand=False`` only
     parse ``args`` (no subcommand) and instantiate model, data and trainer."""
+    drop_lightning_notices()
     return BGCLI(BoltzmannGenerator, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args, run=run_subcommand,
                  parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"},

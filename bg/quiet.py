@@ -3,13 +3,17 @@
 - :func:`quietly`: Python-level output and warnings (openmmtools' and pymbar's import banners).
 - :func:`quiet_c_output`: the process's stdout/stderr file descriptors too, for C code that writes to them
   directly (mdtraj's DCD reader prints ``dcdplugin) detected standard 32-bit DCD file`` for every file).
+- :func:`drop_lightning_notices`: Lightning's info lines that ask nothing of the user (an advertisement, a
+  note that a limit bg's config left at its default is at its default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import re
 import sys
 import warnings
 from typing import Iterator
@@ -45,3 +49,19 @@ def quiet_c_output() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+#: Lightning info lines that tell a bg user nothing they can act on
+LIGHTNING_NOTICES = re.compile(r"💡 Tip: |`Trainer\(limit_\w+_batches=1\.0\)` was configured")
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not LIGHTNING_NOTICES.search(record.getMessage())
+
+
+def drop_lightning_notices() -> None:
+    """Filter :data:`LIGHTNING_NOTICES` out of Lightning's rank-zero log (idempotent)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices())

@@ -55,7 +55,8 @@ class SampleEvaluation(Callback):
 
     Args:
         every_n_epochs: evaluate on validation runs at the end of epochs 1-based divisible by n (and at
-            the last epoch); combine with ``trainer.check_val_every_n_epoch``.
+            the last epoch); combine with ``trainer.check_val_every_n_epoch``. A run that ends between
+            evaluations (``max_steps``, a last epoch without validation) is evaluated at its end.
         n_samples: samples per evaluation, over all ranks (at most 256 under ``trainer.fast_dev_run``).
         batch_size: sampling batch size (default: the module's ``sample_batch_size``).
         reference: DataModule split used as reference (``val`` or ``test``).
@@ -85,6 +86,12 @@ class SampleEvaluation(Callback):
         self.energy_cap, self.seed = energy_cap, seed
         self._ref: Reference | None = None
         self._evals = 0
+        self._evaluated_step: int | None = None
+
+    @property
+    def evaluations(self) -> int:
+        """How many evaluations this callback has run (on this rank)."""
+        return self._evals
 
     def _reference(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Reference:
         if self._ref is None:
@@ -128,7 +135,18 @@ class SampleEvaluation(Callback):
             return
         self.evaluate(trainer, pl_module)
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run that ended between evaluation epochs (``max_steps`` inside an epoch, a last epoch without
+        validation, a loss stage that ends training) is evaluated once more at its final weights, so that every
+        run reports how good its generator is. Not when validation is switched off or nothing was trained."""
+        if trainer.global_step == 0 or self._evaluated_step == trainer.global_step or not trainer.enable_validation:
+            return
+        self.evaluate(trainer, pl_module, final=True)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict[str, float]:
+        """Draw, weigh and compare; log ``val/*``. ``final``: outside a validation epoch (at the end of training,
+        where Lightning allows no ``self.log``), so the values go to the loggers and ``trainer.callback_metrics``
+        directly."""
         ref = self._reference(trainer, pl_module)
         out = self.draw(trainer, pl_module)
         metrics = sample_metrics(ref, out, self.energy_cap)
@@ -136,10 +154,19 @@ class SampleEvaluation(Callback):
         if self.smc is not None and self._evals % self.smc_every == 0:
             smc = self._smc(trainer, pl_module, ref, metrics)
         values = compute(metrics)
-        for name, value in values.items():
-            # identical on every rank already (reduced above); sync_dist only keeps Lightning from warning
-            pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=True, prog_bar=name == "ess")
+        if final:
+            logged = {f"val/{name}": value for name, value in values.items()}
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=trainer.global_step)
+                    logger.save()
+        else:
+            for name, value in values.items():
+                # identical on every rank already (reduced above); sync_dist only keeps Lightning from warning
+                pl_module.log(f"val/{name}", value, on_epoch=True, sync_dist=True, prog_bar=name == "ess")
         self._evals += 1
+        self._evaluated_step = trainer.global_step
         if self.figures and (self._evals - 1) % self.figures_every == 0:
             self._figures(trainer, pl_module, ref, out, smc)
         return values

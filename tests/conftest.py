@@ -47,15 +47,25 @@ def aldp_frames(aldp_md_dir):
 
 
 @pytest.fixture(scope="session")
-def villin_md(tmp_path_factory):
-    """Villin headpiece 1VII (596 atoms with H), minimised, plus 6 frames of short local MD."""
-    from bg.systems import load_pdb
+def protein_md_dir(tmp_path_factory):
+    """Villin headpiece 1VII from ../shared/data (596 atoms with H, minimised), or a capped tripeptide
+    (ACE-AAA-NME) when the shared folder is absent, and 12 frames of short local MD written by bg."""
+    from bg.systems import build_capped_peptide, load_pdb
 
-    system = load_pdb(shared_file("villin_1vii.pdb"))
-    out = tmp_path_factory.mktemp("villin_md")
-    simulate(system, out, MDSettings(n_frames=6, steps_per_frame=50, equilibration_steps=100, chunk_frames=6),
+    villin = SHARED_DATA / "villin_1vii.pdb"
+    system = load_pdb(villin) if villin.exists() else build_capped_peptide("AAA")
+    out = tmp_path_factory.mktemp("protein_md")
+    simulate(system, out, MDSettings(n_frames=12, steps_per_frame=20, equilibration_steps=50, chunk_frames=12),
              progress=False)
-    return system, load_md(out).xyz.astype(np.float64)
+    return system, out
+
+
+@pytest.fixture(scope="session")
+def villin_md(protein_md_dir):
+    """Villin and its first 6 MD frames (float64 nm); skipped without ../shared/data."""
+    shared_file("villin_1vii.pdb")
+    system, out = protein_md_dir
+    return system, load_md(out).xyz[:6].astype(np.float64)
 
 
 @pytest.fixture(scope="session")

@@ -66,17 +66,17 @@ def test_egnn_is_equivariant_to_rotations_reflections_translations_and_identical
 
 def test_exact_divergence_is_the_trace_of_the_autograd_jacobian_and_hutchinson_is_unbiased(aldp_field, aldp_frames):
     field, _ = aldp_field
-    x = (torch.as_tensor(aldp_frames[:3]) / 0.16).requires_grad_(True)
+    x = (torch.as_tensor(aldp_frames[:2]) / 0.16).requires_grad_(True)
     t = torch.tensor(0.3, dtype=torch.float64)
     div = exact_divergence(field(t, x), x)
-    for b in range(3):
-        jac = torch.autograd.functional.jacobian(lambda y: field(t, y[None])[0], x[b].detach())
+    for b in range(2):
+        jac = torch.autograd.functional.jacobian(lambda y: field(t, y[None])[0], x[b].detach(), vectorize=True)
         assert float(div[b]) == pytest.approx(float(jac.reshape(66, 66).trace()), abs=1e-9)
     gen = torch.Generator().manual_seed(0)
-    eps = torch.randint(0, 2, (4000, 22, 3), generator=gen).double() * 2 - 1
-    xs = x[:1].detach().expand(4000, 22, 3).clone().requires_grad_(True)
+    eps = torch.randint(0, 2, (1000, 22, 3), generator=gen).double() * 2 - 1
+    xs = x[:1].detach().expand(1000, 22, 3).clone().requires_grad_(True)
     est = hutchinson_divergence(field(t, xs), xs, eps)
-    assert abs(float(est.mean() - div[0])) < 4 * float(est.std()) / math.sqrt(4000)
+    assert abs(float(est.mean() - div[0])) < 4 * float(est.std()) / math.sqrt(1000)
 
 
 @pytest.mark.parametrize("method", ["dopri5", "rk4"])
@@ -87,13 +87,13 @@ def test_integrated_divergence_matches_a_brute_force_change_of_variables(method)
     field = busy_field(tokens, ENCODING_VOCAB["element"], hidden=12, layers=2, seed=3)
     solver = ODESolver(method, rtol=1e-10, atol=1e-10, steps=40)
     flow = ContinuousFlow(field, 4, solver)
-    x0 = flow.prior_sample(3, torch.float64, generator=torch.Generator().manual_seed(1))
+    x0 = flow.prior_sample(2, torch.float64, generator=torch.Generator().manual_seed(1))
     x1, div = flow.integrate(x0, 0.0, 1.0, "exact")
     log_q = flow.prior_log_prob(x0) - div
     from torchdiffeq import odeint
 
     ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    for b in range(3):
+    for b in range(2):
         def solve(y):
             return odeint(lambda t, z: field(t, z[None])[0], y, ts, **solver.kwargs(1.0))[-1]
 

@@ -59,7 +59,7 @@ def test_samples_density_is_the_density_of_the_written_frames(trained):
     symmetric, so the folded density is 2q), and log_prob includes the scale's Jacobian."""
     model, _ = trained
     torch.manual_seed(1)
-    out = model.proposal.weigh(12, model.energy)
+    out = model.proposal.weigh(4, model.energy)
     lp = model.log_prob(out["x"])
     torch.testing.assert_close(lp + math.log(2.0), out["log_q"], atol=2e-3, rtol=1e-5)
     mirror = out["x"] * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
@@ -73,11 +73,11 @@ def test_samples_density_is_the_density_of_the_written_frames(trained):
 def test_dropped_samples_weigh_zero_and_lower_the_ess(trained):
     model, _ = trained
     torch.manual_seed(2)
-    out = model.proposal.weigh(16, model.energy)
+    out = model.proposal.weigh(8, model.energy)
     for key in ("wrong_chirality", "mirrored", "broken_topology", "valid"):
-        assert out[key].dtype == torch.bool and out[key].shape == (16,)
+        assert out[key].dtype == torch.bool and out[key].shape == (8,)
     assert torch.equal(torch.isfinite(out["log_w"]), out["valid"] & torch.isfinite(out["energy_kT"]))
-    res = ImportanceSampler()(model.proposal, model.energy, 16)
+    res = ImportanceSampler()(model.proposal, model.energy, 8)
     assert res["ess"] == pytest.approx(float(kish_ess(res["log_w"])))
     assert torch.isneginf(res["log_w"][~res["valid"]]).all()
     with pytest.raises(ValueError, match="does not support SMC"):

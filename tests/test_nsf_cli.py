@@ -103,7 +103,7 @@ def test_predict_writes_readable_samples_with_correct_weights(fitted, aldp_syste
 
 def test_predict_stops_at_sigterm(fitted):
     tmp_path, small, _ = fitted
-    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = tmp_path / "predict_sigterm.log"
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "bg", "predict", "--config", str(CONFIG), "--config", str(small),
@@ -111,13 +111,14 @@ def test_predict_stops_at_sigterm(fitted):
                                  "--model.init_args.predict_samples=2000000"], cwd=tmp_path, env=environ, stdout=fh,
                                 stderr=subprocess.STDOUT)
         deadline = time.time() + 120
-        while "Predicting" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        while "Loaded model weights" not in log.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
     text = log.read_text()
     assert rc == 143 and "bg predict: SIGTERM, stopping (no samples written)" in text, text[-2000:]
     assert "Traceback" not in text
+    assert "💡" not in text and "Couldn't infer" not in text  # Lightning notices a user cannot act on
     assert not [d for d in (tmp_path / "samples").iterdir() if d.is_dir() and not any(d.iterdir())]  # no empty folder
 
 

@@ -13,26 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bg.systems import MDSettings, build_capped_peptide, load_pdb, simulate
-from tests.conftest import SHARED_DATA, predicted_folder
+from tests.conftest import predicted_folder
 from tests.test_bad_input import bg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "hp35_nsf.yaml"
 
 
-@pytest.fixture(scope="module")
-def user_md(tmp_path_factory):
-    """A user's folder: protein.pdb and traj.dcd (24 frames of short local MD), nothing else."""
-    out = tmp_path_factory.mktemp("own_molecule")
-    villin = SHARED_DATA / "villin_1vii.pdb"
-    system = load_pdb(villin) if villin.exists() else build_capped_peptide("AAA")
-    simulate(system, out / "made_by_bg", MDSettings(n_frames=24, steps_per_frame=20, equilibration_steps=50,
-                                                   chunk_frames=24), progress=False)
-    user = out / "user"
+@pytest.fixture()
+def user_md(tmp_path, protein_md_dir):
+    """A user's folder: protein.pdb and traj.dcd (12 frames of short local MD), nothing else."""
+    _, made_by_bg = protein_md_dir
+    user = tmp_path / "user"
     user.mkdir()
-    shutil.copy(out / "made_by_bg" / "topology.pdb", user / "protein.pdb")
-    shutil.copy(next((out / "made_by_bg" / "chunks").glob("chunk_*.dcd")), user / "traj.dcd")
+    shutil.copy(made_by_bg / "topology.pdb", user / "protein.pdb")
+    shutil.copy(next((made_by_bg / "chunks").glob("chunk_*.dcd")), user / "traj.dcd")
     return user
 
 
