@@ -1,5 +1,5 @@
 # bg — set-up, tests and the main training job.
-# `make test` creates .venv if missing, installs the pinned CPU torch and the package, runs pytest.
+# `make test` creates .venv if missing, installs torch at the pinned TORCH_VERSION and the package, runs pytest.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -119,7 +119,12 @@ RE_HELP = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one ``UsageError`` line (with the nearest valid choice), not usage + exit."""
+    """argparse whose errors are one ``UsageError`` line (with the nearest valid choice), not usage + exit;
+    no abbreviated options (a typo is reported with the nearest name instead of guessed)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)

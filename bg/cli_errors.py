@@ -58,8 +58,9 @@ def _type_name(text: str) -> str:
     return f"a value of type {cls.group(1).rpartition('.')[2]}" if cls else text
 
 
-def explain_parser_error(message: str, subcommand: str | None = None) -> str:
-    """One line for a jsonargparse error ``message`` of ``bg <subcommand>`` (see module docstring)."""
+def explain_parser_error(message: str, subcommand: str | None = None, known: list[str] | None = None) -> str:
+    """One line for a jsonargparse error ``message`` of ``bg <subcommand>`` (see module docstring); ``known``:
+    the parser's option strings, for the nearest name to an unrecognized one."""
     help_hint = f" (bg {subcommand} --help lists the options)" if subcommand else ""
     text = message.strip()
     key = re.match(r'Parser key "([\w.]+)"', text)
@@ -85,7 +86,8 @@ def explain_parser_error(message: str, subcommand: str | None = None) -> str:
         return f"config file not found: {missing.group(1)}"
     unknown = re.match(r"unrecognized arguments: (.+)", text)
     if unknown:
-        return f"unrecognized arguments: {unknown.group(1)}{help_hint}"
+        first_unknown = unknown.group(1).split()[0].split("=")[0]
+        return f"unrecognized arguments: {unknown.group(1)}{nearest(first_unknown, known or [])}{help_hint}"
     first = text.splitlines()[0] if text else "invalid arguments"
     return f"{first}{help_hint}"
 

@@ -83,14 +83,20 @@ INFERENCE_OPTIONS = ("predict_samples", "sample_batch_size", "energy_backend", "
 
 class BGArgumentParser(LightningArgumentParser):
     """jsonargparse's parser, whose errors end in one ``UsageError`` line instead of the usage text and an
-    exit (``bg.cli.main`` prints it). Parsers nested in another's parsing keep jsonargparse's behaviour."""
+    exit (``bg.cli.main`` prints it). Parsers nested in another's parsing keep jsonargparse's behaviour.
+    No abbreviations: ``--trainer.max_epoch`` is a typo to report, not a prefix of ``max_epochs`` to guess."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # a nested parser tried inside another's parsing: jsonargparse recovers
             return super().error(message, ex)
         words = self.prog.split()
         sub = words[-1] if words and words[-1] in ("fit", "validate", "test", "predict") else None
-        raise UsageError(explain_parser_error(message, sub)) from ex
+        known = [option for action in self._actions for option in action.option_strings]
+        raise UsageError(explain_parser_error(message, sub, known)) from ex
 
 
 class BGCLI(LightningCLI):
@@ -128,6 +134,10 @@ class BGCLI(LightningCLI):
             trainer.callbacks.append(PreemptionCheckpoint())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+                # Lightning always passes anonymous=None, and wandb warns that the setting has no effect
+                logger._wandb_init.pop("anonymous", None)
         return trainer
 
     def before_fit(self) -> None:

@@ -135,3 +135,17 @@ def test_analyze_and_sweep_missing_files(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     out = bg("analyze", "missing.ckpt", "--debug", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_abbreviated_options_are_typos_not_prefixes(tmp_path, monkeypatch, capsys):
+    """argparse would read ``--trainer.max_epoch`` as ``--trainer.max_epochs``; bg reports it (in-process
+    ``bg.cli.main``: the same code as the subprocesses above, without a second interpreter start)."""
+    from bg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BG_DEBUG", raising=False)
+    assert main(["fit", "--config", str(CONFIGS / "aldp_nsf.yaml"), "--trainer.max_epoch=1", "--print_config"]) == 2
+    assert "bg fit: error: unrecognized arguments: --trainer.max_epoch=1; did you mean '--trainer.max_epochs'?" \
+        in capsys.readouterr().err
+    assert main(["data", "--strid", "2"]) == 2
+    assert "did you mean '--stride'?" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import math
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from bg.choices import check_choices
@@ -166,7 +167,7 @@ class GAUConditioner(nn.Module):
         b = features.shape[0]
         grid = features.new_zeros(b, self.n_tokens * self.n_slots, features.shape[-1])
         grid[:, self.cell] = features
-        grid = grid.view(b, self.n_tokens, -1)
+        grid = rearrange(grid, "b (t s) f -> b t (s f)", t=self.n_tokens)  # one token: its slots side by side
         tokens = torch.cat([grid, self.slot_kind.to(features.dtype).expand(b, -1, -1)], -1)
         x = self.embed(tokens) + self.position.to(features.dtype)
         if self.learned is not None:
@@ -174,5 +175,5 @@ class GAUConditioner(nn.Module):
         positions = self.positions if self.use_rotary else None
         for layer in self.layers:
             x = layer(x, positions)
-        out = self.out(self.norm(x)).view(b, self.n_tokens * self.n_slots, self.n_params)
+        out = rearrange(self.out(self.norm(x)), "b t (s p) -> b (t s) p", p=self.n_params)
         return out[:, self.cell]
