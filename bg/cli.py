@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from dataclasses import fields
 
 from bg.cli_errors import UsageError, check_config_files, debug_enabled, explain_exception, nearest
@@ -234,12 +233,7 @@ def _dispatch(argv: list[str]) -> int:
         check_config_files(argv)  # before Lightning's import: a misnamed file is reported at once
         from bg.lightning_cli import run
 
-        with warnings.catch_warnings():
-            # bg passes its own argv on purpose (the `--debug` flag is removed from it)
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            # Lightning's own use of a deprecated torch API: nothing a user can act on
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            run(argv)
+        run(argv)
         return 0
     if argv and argv[0] == "sweep-command":
         from bg.sweeps import main as sweep_main

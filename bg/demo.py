@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "aldp_demo.yaml"
@@ -39,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     import bg
     from bg.lightning_cli import run
     from callbacks import SampleWriter
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the demo's own argv, on purpose
 
     times, start = {}, time.time()
     print(f"[1/3] bg fit --config {args.config}", flush=True)

@@ -223,7 +223,12 @@ def run(args: list[str] | None = None, run_subcommand: bool = True) -> BGCLI:
     """Run the LightningCLI with ``args`` (default: ``sys.argv[1:]``); with ``run_subcommand=False`` only
     parse ``args`` (no subcommand) and instantiate model, data and trainer."""
     drop_lightning_notices()
-    return BGCLI(BoltzmannGenerator, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args, run=run_subcommand,
-                 parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"},
-                 parser_class=BGArgumentParser)
+    with warnings.catch_warnings():
+        # bg passes its own argv on purpose (the `--debug` flag removed, the demo's commands)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # Lightning's own use of a deprecated torch API: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        return BGCLI(BoltzmannGenerator, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     save_config_callback=RunConfigSaver, trainer_defaults=TRAINER_DEFAULTS, args=args,
+                     run=run_subcommand, parser_kwargs={"description": "bg: Boltzmann generators in PyTorch Lightning"},
+                     parser_class=BGArgumentParser)
