@@ -98,10 +98,12 @@ class SampleWriter(BasePredictionWriter):
                 quality += " (fewer than 10 %: the population collapsed onto a few proposals)"
         else:
             quality = f"ESS/n = {float(kish_ess(out['log_w'].double())):.3f}"
-        print(f"wrote {len(traj)} {what}samples to {traj_path} (+ {', '.join(p.name for p in self.written if p != traj_path)}); "
-              f"{quality} on this rank")
+        # through the progress bar when there is one, so that the line does not run on from the bar's last line
+        say = trainer.progress_bar_callback.print if trainer.progress_bar_callback is not None else print
+        say(f"wrote {len(traj)} {what}samples to {traj_path} (+ {', '.join(p.name for p in self.written if p != traj_path)}); "
+            f"{quality} on this rank")
         if "valid" in out:
-            print(f"sample checks: wrong chirality {out['wrong_chirality'].double().mean():.3f}, broken bond graph "
-                  f"{out['broken_topology'].double().mean():.3f}, kept {out['valid'].double().mean():.3f} "
-                  "(dropped samples have log_w = -inf)")
+            say(f"sample checks: wrong chirality {out['wrong_chirality'].double().mean():.3f}, broken bond graph "
+                f"{out['broken_topology'].double().mean():.3f}, kept {out['valid'].double().mean():.3f} "
+                "(dropped samples have log_w = -inf)")
 

@@ -23,6 +23,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from bg.choices import check_choices
@@ -44,6 +45,20 @@ class _CausalLayer(nn.Module):
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         q = self.norm1(h)
         h = h + self.attn(q, q, q, attn_mask=mask, need_weights=False)[0]
+        return h + self.mlp(self.norm2(h))
+
+    def step(self, h: Tensor, cache: list[Tensor]) -> Tensor:
+        """The next token ``(B, 1, C)`` given the keys and values of the earlier ones in ``cache`` (``[]`` or
+        ``[k, v]``, each ``(B, heads, t, C / heads)``, extended in place): the same as ``forward`` over the whole
+        prefix for its last position, in O(t) instead of O(t²) per token."""
+        attn, b = self.attn, h.shape[0]
+        q, k, v = nn.functional.linear(self.norm1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        q, k, v = (rearrange(y, "b t (n d) -> b n t d", n=attn.num_heads) for y in (q, k, v))
+        if cache:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        cache[:] = [k, v]
+        out = rearrange(nn.functional.scaled_dot_product_attention(q, k, v), "b n t d -> b t (n d)", b=b)
+        h = h + attn.out_proj(out)
         return h + self.mlp(self.norm2(h))
 
 
@@ -71,9 +86,7 @@ class TarFlowBlock(nn.Module):
             h = layer(h, mask)
         out = self.out(self.norm(h))
         out = torch.cat([out.new_zeros(b_, 1, 2 * d), out], 1)  # the shift: token i sees tokens < i
-        a, b = out.chunk(2, -1)
-        a = self.max_log_scale * torch.tanh(a / self.max_log_scale)
-        return a, b
+        return self._bound(out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Data → latent: z ``(B, T, D)`` and log|det ∂z/∂x| ``(B,)``."""
@@ -85,16 +98,24 @@ class TarFlowBlock(nn.Module):
             z = z.flip(1)
         return z, -a.flatten(1).sum(1)
 
+    def _bound(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = out.chunk(2, -1)
+        return self.max_log_scale * torch.tanh(a / self.max_log_scale), b
+
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Latent → data, one token at a time: x ``(B, T, D)`` and log|det ∂x/∂z| ``(B,)``."""
+        """Latent → data, one token at a time: x ``(B, T, D)`` and log|det ∂x/∂z| ``(B,)``. Each token runs
+        through the layers once, attending to the cached keys and values of the tokens before it (a KV cache,
+        as in language-model decoding); differentiable like ``forward``."""
         if self.reverse:
             z = z.flip(1)
-        xs: list[Tensor] = []
+        xs: list[Tensor] = [z[:, 0]]  # token 0 sees nothing: a = b = 0
         log_det = z.new_zeros(z.shape[0])
-        for i in range(z.shape[1]):
-            prefix = torch.stack(xs, 1) if xs else z[:, :0]
-            a, b = self._params(prefix)
-            a_i, b_i = a[:, i], b[:, i]
+        caches: list[list[Tensor]] = [[] for _ in self.layers]
+        for i in range(1, z.shape[1]):
+            h = self.embed(xs[-1][:, None]) + self.position[i - 1]
+            for layer, cache in zip(self.layers, caches):
+                h = layer.step(h, cache)
+            a_i, b_i = self._bound(self.out(self.norm(h))[:, 0])
             xs.append(z[:, i] * torch.exp(a_i) + b_i)
             log_det = log_det + a_i.sum(-1)
         x = torch.stack(xs, 1)
