@@ -1,0 +1,36 @@
+"""bench/gpu.py at toy sizes on the CPU: every family builds from its config + GPU overlay's code path, trains a
+step, samples with finite log q and is judged by the torch force field; the table is written."""
+
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import gpu  # noqa: E402
+
+
+def test_gpu_bench_runs_every_family_at_toy_sizes(tmp_path):
+    out = tmp_path / "gpu.md"
+    rows = gpu.main(["--toy", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    assert [r["family"] for r in rows] == list(gpu.FAMILIES)
+    for row in rows:
+        assert row["params"] > 0 and row["batch"] == gpu.TOY_BATCH and row["samples"] == gpu.TOY_SAMPLES
+        for key in ("train step (s)", "samples/s with log q", "energy frames/s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["family"], key)
+    text = out.read_text()
+    assert text.count("\n| ") == 1 + len(rows) and "toy (--toy)" in text
+
+
+def test_gpu_overlays_change_only_sizes_devices_and_batches():
+    """The GPU configs layer over the CPU ones: every key they set exists in the CPU config (no typo that
+    LightningCLI would refuse only on the GPU machine)."""
+    for family in gpu.FAMILIES:
+        cpu = yaml.safe_load((ROOT / "configs" / f"aldp_{family}.yaml").read_text())
+        overlay = yaml.safe_load((ROOT / "configs" / "gpu" / f"aldp_{family}.yaml").read_text())
+        for section in ("model", "data"):
+            assert set(overlay[section]["init_args"]) <= set(cpu[section]["init_args"]), (family, section)
+        assert set(overlay["trainer"]) <= {"accelerator", "devices", "precision"}
