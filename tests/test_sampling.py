@@ -92,3 +92,25 @@ def test_systematic_resampling_keeps_the_expected_counts():
     w = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
     counts = torch.bincount(systematic_resample(w, torch.Generator().manual_seed(0)), minlength=4)
     assert counts.tolist() == [2, 1, 0, 1] or counts.tolist() == [2, 1, 1, 0]
+
+
+def test_adaptive_schedule_is_unbiased_keeps_the_conditional_ess_and_ends_at_the_target():
+    """The adaptive path (next t by bisection on the conditional ESS) gives unbiased estimates on the mixture,
+    ends at t = 1 within n_steps points, and each unforced step keeps the CESS at its target."""
+    from bg.sampling.smc import conditional_ess, next_temperature
+
+    kw = dict(n_steps=50, langevin_steps=3, step_size=0.02, metropolis=True, schedule="adaptive", target_cess=0.9)
+    _check_unbiased(*_estimates("smc", **kw))
+    gen = torch.Generator().manual_seed(5)
+    x = PROPOSAL_SIGMA * torch.randn(500, 2, generator=gen, dtype=torch.float64)
+    res = smc(x, source_energy, target_energy, generator=gen, **kw)
+    assert res.path[-1] == 1.0 and len(res.path) <= 50 and all(b > a for a, b in zip(res.path, res.path[1:]))
+    assert len(set(round(b - a, 6) for a, b in zip(res.path, res.path[1:]))) > 3  # uneven steps: it adapted
+    # the bisection's answer: CESS at the chosen t equals the target (or the step reached t = 1)
+    gap = target_energy(x) - source_energy(x)
+    log_w = torch.zeros(500, dtype=torch.float64)
+    t = next_temperature(log_w, gap, 0.0, 0.01, 0.9)
+    assert 0.01 < t < 1 and float(conditional_ess(log_w, -t * gap)) == pytest.approx(0.9, abs=1e-6)
+    assert next_temperature(log_w, torch.zeros(500, dtype=torch.float64), 0.0, 0.01, 0.9) == 1.0  # q = p: one step
+    with pytest.raises(ValueError, match="schedule"):
+        smc(x, source_energy, target_energy, schedule="cosine")

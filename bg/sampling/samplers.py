@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from bg.choices import check_choices
 from bg.sampling.importance import importance_sampling
 from bg.sampling.kernels import MALA, ULA
 from bg.sampling.proposal import Energy, Proposal, batched
-from bg.sampling.smc import smc
+from bg.sampling.smc import Schedule, smc
 
 
 class Sampler:
@@ -78,17 +79,24 @@ class SMCSampler(Sampler):
         ess_threshold: resample when ESS/n drops below this.
         energy_cut: particles above this target energy (kT) get weight 0 (reported as rejection rate).
         batch_size: particles per energy/gradient evaluation (memory); ``None``: all at once.
+        schedule: ``linear`` (t_k = k / n_steps) or ``adaptive`` (each next t keeps the conditional ESS at
+            ``target_cess``; ``n_steps`` bounds the number of points; ``bg.sampling.smc``).
+        target_cess: conditional ESS / n per adaptive step.
     """
 
     name = "smc"
 
     def __init__(self, n_steps: int = 100, langevin_steps: int = 1, step_size: float = 1e-6, metropolis: bool = True,
-                 ess_threshold: float = 0.5, energy_cut: float | None = None, batch_size: int | None = None):
+                 ess_threshold: float = 0.5, energy_cut: float | None = None, batch_size: int | None = None,
+                 schedule: Schedule = "linear", target_cess: float = 0.95):
         if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
             raise ValueError("SMCSampler: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
+        check_choices(SMCSampler.__init__, dict(schedule=schedule), "SMCSampler ")
+        if not 0 < target_cess < 1:
+            raise ValueError(f"SMCSampler: target_cess must lie in (0, 1), got {target_cess}")
         self.n_steps, self.langevin_steps, self.step_size = n_steps, langevin_steps, step_size
         self.metropolis, self.ess_threshold, self.energy_cut = metropolis, ess_threshold, energy_cut
-        self.batch_size = batch_size
+        self.batch_size, self.schedule, self.target_cess = batch_size, schedule, target_cess
 
     def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
                  progress: bool = False) -> dict[str, Any]:
@@ -103,10 +111,11 @@ class SMCSampler(Sampler):
             res = smc(proposal.particles(n), lambda s: -proposal.log_prob(s), proposal.target(target),
                       n_steps=self.n_steps, langevin_steps=self.langevin_steps, step_size=self.step_size,
                       ess_threshold=self.ess_threshold, energy_cut=self.energy_cut, batch_size=self.batch_size,
-                      generator=generator, progress=progress, kernel=kernel)
+                      generator=generator, progress=progress, kernel=kernel, schedule=self.schedule,
+                      target_cess=self.target_cess)
         x = proposal.frames(res.x).double()
         with torch.no_grad():
             u = batched(target, x, proposal.batch_size)
         return dict(x=x, log_w=res.log_w, energy_kT=u, sampler=self.name, ess=res.ess, log_z=res.log_z,
-                    ess_history=res.ess_history, resampled_at=res.resampled_at, acceptance=res.acceptance,
+                    ess_history=res.ess_history, path=res.path, resampled_at=res.resampled_at, acceptance=res.acceptance,
                     n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)

@@ -7,6 +7,16 @@ increment −(t_k − t_{k−1})·(E1(x) − E0(x)) at the current particles, th
 unadjusted or Metropolis-adjusted Langevin) moves them, leaving exp(−E_{t_k}) invariant. The loop ends at t_K = 1, the target; the
 public SBG code iterated ``timesteps[:-1]`` and stopped one step short at (K − 1)/K.
 
+With ``schedule="adaptive"`` the path points are not fixed: each next t is the largest one (found by
+bisection) whose incremental weights keep the conditional ESS (Zhou, Johansen & Aston 2016)
+
+    CESS(t') = n · (Σ_i W_i w_i)² / Σ_i W_i w_i²,   w_i = exp(−(t' − t)·(E1 − E0)(x_i)),  W: current weights
+
+at ``target_cess`` · n, so that the path takes small steps where q and the target disagree and large ones
+where they agree; ``n_steps`` then bounds the number of points (each step covers at least the remaining
+distance over the remaining points). The choice depends on the current particles only, so the weights
+stay valid (the adaptive-SMC argument of Jasra et al. 2011).
+
 Estimates: E_p[f] ≈ Σ w_i f(x_i) / Σ w_i with the final weights; log Z1/Z0 accumulates
 log mean(w) over the resampling epochs (unbiased for Z1/Z0 itself).
 """
@@ -16,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +36,7 @@ from bg.sampling.ess import kish_ess
 from bg.sampling.kernels import MALA, ULA, Particles
 
 Energy = Callable[[Tensor], Tensor]
+Schedule = Literal["linear", "adaptive"]
 
 
 @dataclass
@@ -36,6 +47,7 @@ class SMCResult:
         log_z: estimate of log Z1/Z0.
         ess: Kish ESS / n of the final weights.
         ess_history: ESS / n before each resampling decision (K values).
+        path: the path points t_1 … t_K = 1 (evenly spaced, or chosen by the adaptive schedule).
         resampled_at: the t at which the particles were resampled.
         acceptance: mean Metropolis acceptance of the Langevin steps (None when unadjusted).
         n_rejected: particle evaluations removed by the energy cut (or non-finite energy).
@@ -50,6 +62,7 @@ class SMCResult:
     log_z: float
     ess: float
     ess_history: list[float] = field(default_factory=list)
+    path: list[float] = field(default_factory=list)
     resampled_at: list[float] = field(default_factory=list)
     acceptance: float | None = None
     n_rejected: int = 0
@@ -98,14 +111,15 @@ def _energies(x: Tensor, source: Energy, target: Energy, grad: bool, batch_size:
 def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 100, langevin_steps: int = 1,
         step_size: float = 1e-3, metropolis: bool = False, ess_threshold: float = 0.5,
         energy_cut: float | None = None, batch_size: int | None = None, generator: torch.Generator | None = None,
-        progress: bool = False, kernel: ULA | None = None) -> SMCResult:
+        progress: bool = False, kernel: ULA | None = None, schedule: Schedule = "linear",
+        target_cess: float = 0.95) -> SMCResult:
     """Transport samples ``x`` ``(n, *event)`` of q toward exp(−E1) (see module docstring).
 
     Args:
         x: proposal samples (e.g. flow samples, Cartesian nm).
         source_energy: E0(x) = −log q(x) ``(B, *event)`` → ``(B,)``, differentiable.
         target_energy: E1(x) = u(x) in kT, differentiable.
-        n_steps: K, the number of path points t_1 … t_K (= 1).
+        n_steps: K, the number of path points t_1 … t_K (= 1); with ``schedule="adaptive"`` the most of them.
         langevin_steps: kernel steps per path point.
         step_size, metropolis: the kernel when ``kernel`` is not given: ``MALA(step_size)`` with
             ``metropolis``, else ``ULA(step_size)`` (``bg.sampling.kernels``).
@@ -115,12 +129,17 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
         generator: random stream of the noise and of resampling.
         progress: show a progress bar over the path points (stderr).
         kernel: an MCMC kernel with ``step(particles, t, evaluate, generator)``.
+        schedule: ``"linear"`` (t_k = k/K) or ``"adaptive"`` (see module docstring).
+        target_cess: the conditional ESS / n each adaptive step keeps (0 < target_cess < 1).
     """
     if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
         raise ValueError("smc: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
+    if schedule not in ("linear", "adaptive"):
+        raise ValueError(f"smc: schedule must be 'linear' or 'adaptive', got {schedule!r}")
+    if not 0 < target_cess < 1:
+        raise ValueError(f"smc: target_cess must lie in (0, 1), got {target_cess}")
     kernel = kernel or (MALA(step_size) if metropolis else ULA(step_size))
     n = x.shape[0]
-    ts = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64).tolist()
     evaluate = partial(_energies, source=source_energy, target=target_energy, grad=True, batch_size=batch_size)
     p = Particles(x.detach(), *_energies(x.detach(), source_energy, target_energy, langevin_steps > 0, batch_size))
     log_w = torch.zeros(n, dtype=torch.float64, device=x.device)
@@ -128,9 +147,17 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
     log_w = cut(p.e1, log_w)
     log_z, ess_history, resampled_at, accepted, proposed = 0.0, [], [], 0, 0
     ancestor = torch.arange(n, device=x.device)
+    path: list[float] = []
+    t_prev = 0.0
     for k in tqdm(range(1, n_steps + 1), desc="SMC", disable=not progress, leave=False):
-        t, dt = ts[k], ts[k] - ts[k - 1]
-        log_w = log_w - dt * torch.nan_to_num(p.e1 - p.e0, nan=math.inf, posinf=math.inf)
+        gap = torch.nan_to_num(p.e1 - p.e0, nan=math.inf, posinf=math.inf)
+        if schedule == "linear":
+            t = k / n_steps
+        else:  # at least an even share of what is left, so that the path ends within n_steps points
+            t = next_temperature(log_w, gap, t_prev, (1.0 - t_prev) / (n_steps - k + 1), target_cess)
+        dt, t_prev = t - t_prev, t
+        path.append(t)
+        log_w = log_w - dt * gap
         if not torch.isfinite(log_w).any():
             raise FloatingPointError(f"smc: every particle has weight 0 at t={t:.3f} (energy cut or non-finite "
                                      "energies); raise energy_cut, lower step_size or start from better proposals")
@@ -146,13 +173,37 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
             p, k_accepted = kernel.step(p, t, evaluate, generator)
             accepted, proposed = accepted + k_accepted, proposed + n
             log_w = cut(p.e1, log_w)
+        if t >= 1.0:
+            break
     log_z += float(torch.logsumexp(log_w, 0)) - math.log(n)
-    evaluations = n * (n_steps * langevin_steps + 1)
+    evaluations = n * (len(path) * langevin_steps + 1)
     return SMCResult(x=p.x.detach(), log_w=log_w, log_z=log_z, ess=float(kish_ess(log_w)), ess_history=ess_history,
-                     resampled_at=resampled_at,
+                     path=path, resampled_at=resampled_at,
                      acceptance=accepted / proposed if proposed and kernel.adjusted else None,
                      n_rejected=cut.n_rejected, rejection_rate=cut.n_rejected / evaluations,
                      n_ancestors=int(ancestor[torch.isfinite(log_w)].unique().numel()))
+
+
+def conditional_ess(log_w: Tensor, increment: Tensor) -> Tensor:
+    """CESS / n of incremental log-weights ``increment`` ``(n,)`` under current log-weights ``log_w`` ``(n,)``:
+    (Σ W w)² / Σ W w² with W the normalised current weights (1 when the increment is constant)."""
+    log_weights = log_w - torch.logsumexp(log_w, 0)
+    return torch.exp(2 * torch.logsumexp(log_weights + increment, 0) - torch.logsumexp(log_weights + 2 * increment, 0))
+
+
+def next_temperature(log_w: Tensor, gap: Tensor, t: float, min_step: float, target_cess: float,
+                     iterations: int = 50) -> float:
+    """The largest t' in [t + min_step, 1] whose increment −(t' − t)·gap keeps ``conditional_ess`` ≥
+    ``target_cess`` (bisection; the CESS falls monotonically with t'), or t + min_step when even that step
+    falls below it."""
+    low, high = min(t + min_step, 1.0), 1.0
+    cess = lambda s: float(conditional_ess(log_w, -(s - t) * gap))  # noqa: E731
+    if cess(high) >= target_cess or cess(low) < target_cess:
+        return high if cess(high) >= target_cess else low
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if cess(mid) >= target_cess else (low, mid)
+    return low
 
 
 class _EnergyCut:
