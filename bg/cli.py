@@ -57,6 +57,11 @@ def _data(args: argparse.Namespace) -> int:
     sizes = {k: len(v) for k, v in dm.positions.items()}
     print(f"frames: train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (contiguous blocks, stride "
           f"{dm.stride}, {dm.split_gap} frames left out between blocks)")
+    if not args.skip_energy_check:
+        from bg.energy.plausibility import thermal_excess
+
+        check = thermal_excess(system, dm.positions["train"].numpy())
+        print(check.summary(" + ".join(system.forcefield)), flush=True)
     where = dm.md_dir if not dm.trajectory_patterns else ", ".join(map(str, dm.trajectory_paths()))
     print(f"data ready in {time.time() - start:.0f} s: {where}")
     return 0
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"force field: a preset ({', '.join(sorted(FORCEFIELDS))}) or OpenMM XML files joined by "
                            "'+'; default: the system's own (aldp: amber99sbildn-obc)")
     data.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
+    data.add_argument("--skip-energy-check", action="store_true",
+                      help="do not compare the training frames' energies with equipartition (a minimisation: "
+                           "seconds for a protein)")
     md = data.add_argument_group("MD settings for generated data (defaults: 10 ns of alanine dipeptide)")
     for f in fields(MDSettings):
         kind = int if f.type in ("int", "int | None") else (float if f.type == "float" else str)
