@@ -12,7 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from bg.sampling.ess import normalised_weights  # noqa: E402
 
 
 def _np(t: Tensor | np.ndarray) -> np.ndarray:
@@ -20,12 +23,7 @@ def _np(t: Tensor | np.ndarray) -> np.ndarray:
 
 
 def _weights(log_w: Tensor | np.ndarray) -> np.ndarray:
-    lw = _np(log_w)
-    lw = np.where(np.isfinite(lw), lw, -np.inf)
-    if not np.isfinite(lw).any():
-        return np.zeros_like(lw)
-    w = np.exp(lw - lw.max())
-    return w / w.sum()
+    return normalised_weights(torch.as_tensor(_np(log_w))).numpy()
 
 
 def _density_hist(ax, values: np.ndarray, bins: np.ndarray, weights: np.ndarray | None = None, **kwargs) -> None:

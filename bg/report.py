@@ -40,6 +40,7 @@ from bg.estimators import (KCAL_PER_MOL_PER_K, Estimate, SampleSet, compare, fre
                            free_energy_surface, populations)
 from bg.quiet import quiet_c_output
 from bg.sampling.ess import kish_ess
+from bg.sampling.smc import COLLAPSE_FRACTION, collapsed
 
 Observable = Callable[[md.Trajectory], np.ndarray]
 #: per-frame state labels ``(F,)`` in 0 … len(names) − 1 (−1: in no state)
@@ -372,9 +373,9 @@ def evaluate(
         # resampled particles carry equal weights: their spread says nothing about the proposal
         sampling = {"sampler": stats["sampler"], "n_ancestors": stats.get("n_ancestors"),
                     "ess_before_resampling": ess_before_resampling(stats), "log_z": stats.get("log_z")}
-        if stats.get("n_ancestors") is not None and stats["n_ancestors"] < 0.1 * traj.n_frames:
+        if collapsed(stats.get("n_ancestors"), traj.n_frames):
             warnings.append(f"only {stats['n_ancestors']} of {traj.n_frames} particles have distinct ancestors "
-                            "(< 10 %): the particles' estimates rest on those few proposals")
+                            f"(< {COLLAPSE_FRACTION:.0%}): the particles' estimates rest on those few proposals")
         warnings.append("SMC particles are not independent draws: bootstrap error bars understate the error")
     else:
         sampling = {"ess": _ess_estimate(log_w, n_boot, seed, min_ess).as_dict()}

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from bg.metrics import kish_ess
 from bg.report import ess_before_resampling
+from bg.sampling.smc import COLLAPSE_FRACTION, collapsed
 
 
 class SampleWriter(BasePredictionWriter):
@@ -94,8 +95,8 @@ class SampleWriter(BasePredictionWriter):
             # after resampling the weights are equal by construction: their ESS says nothing about the sample
             quality = (f"ESS/n before the last resampling {ess_before_resampling(stats):.3f}; the {len(traj)} particles descend "
                        f"from {stats['n_ancestors']} distinct proposals")
-            if stats["n_ancestors"] < 0.1 * len(traj):
-                quality += " (fewer than 10 %: the population collapsed onto a few proposals)"
+            if collapsed(stats["n_ancestors"], len(traj)):
+                quality += f" (fewer than {COLLAPSE_FRACTION:.0%}: the population collapsed onto a few proposals)"
         else:
             quality = f"ESS/n = {float(kish_ess(out['log_w'].double())):.3f}"
         # through the progress bar when there is one, so that the line does not run on from the bar's last line

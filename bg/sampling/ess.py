@@ -23,6 +23,13 @@ def finite_log_weights(log_w: Tensor) -> Tensor:
     return torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
 
 
+def normalised_weights(log_w: Tensor) -> Tensor:
+    """Self-normalised weights ``(n,)`` float64 from log weights (non-finite ones weigh 0); all zeros when no
+    sample has weight."""
+    lw = finite_log_weights(log_w)
+    return torch.softmax(lw, 0) if torch.isfinite(lw).any() else torch.zeros_like(lw)
+
+
 def log_sum_weights(log_w: Tensor, mask: Tensor | None = None) -> Tensor:
     """log Σ w over the samples where ``mask`` ``(n,)`` holds (all samples without one); −inf when none has
     weight. The one reduction behind every importance-weighted estimate: the training-time metrics

@@ -184,6 +184,15 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
                      n_ancestors=int(ancestor[torch.isfinite(log_w)].unique().numel()))
 
 
+#: final particles descending from fewer distinct proposals than this fraction of them: a collapsed population
+COLLAPSE_FRACTION = 0.1
+
+
+def collapsed(n_ancestors: int | None, n: int) -> bool:
+    """Whether ``n`` final particles descend from fewer than ``COLLAPSE_FRACTION`` · n distinct proposals."""
+    return n_ancestors is not None and n_ancestors < COLLAPSE_FRACTION * n
+
+
 def conditional_ess(log_w: Tensor, increment: Tensor) -> Tensor:
     """CESS / n of incremental log-weights ``increment`` ``(n,)`` under current log-weights ``log_w`` ``(n,)``:
     (Σ W w)² / Σ W w² with W the normalised current weights (1 when the increment is constant)."""
