@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bg.choices import check_choices
 from bg.sampling.ess import kish_ess
 from bg.sampling.kernels import MALA, ULA, Particles
 
@@ -134,8 +135,7 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
     """
     if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
         raise ValueError("smc: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
-    if schedule not in ("linear", "adaptive"):
-        raise ValueError(f"smc: schedule must be 'linear' or 'adaptive', got {schedule!r}")
+    check_choices(smc, dict(schedule=schedule), "smc: ")
     if not 0 < target_cess < 1:
         raise ValueError(f"smc: target_cess must lie in (0, 1), got {target_cess}")
     kernel = kernel or (MALA(step_size) if metropolis else ULA(step_size))
@@ -207,8 +207,10 @@ def next_temperature(log_w: Tensor, gap: Tensor, t: float, min_step: float, targ
     falls below it."""
     low, high = min(t + min_step, 1.0), 1.0
     cess = lambda s: float(conditional_ess(log_w, -(s - t) * gap))  # noqa: E731
-    if cess(high) >= target_cess or cess(low) < target_cess:
-        return high if cess(high) >= target_cess else low
+    if cess(high) >= target_cess:
+        return high
+    if cess(low) < target_cess:
+        return low
     for _ in range(iterations):
         mid = 0.5 * (low + high)
         low, high = (mid, high) if cess(mid) >= target_cess else (low, mid)
