@@ -21,14 +21,18 @@ import re
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from bg.cli_errors import UsageError, check_config_files, debug_enabled, explain_exception, nearest
 
 from bg.systems import BUILTIN_SYSTEMS, FORCEFIELDS, MDSettings
+from bg.systems.system import resolve_forcefield
 from bg.systems.replica_exchange import ReplicaExchangeSettings
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.peptide_set is not None:
+        return _peptide_set(args)
     from datamodules.md import DEFAULT_MD, MDDataModule
 
     overrides = {f.name: getattr(args, f.name) for f in fields(MDSettings) if getattr(args, f.name, None) is not None}
@@ -64,6 +68,39 @@ def _data(args: argparse.Namespace) -> int:
         print(check.summary(" + ".join(system.forcefield)), flush=True)
     where = dm.md_dir if not dm.trajectory_patterns else ", ".join(map(str, dm.trajectory_paths()))
     print(f"data ready in {time.time() - start:.0f} s: {where}")
+    return 0
+
+
+def _peptide_set(args: argparse.Namespace) -> int:
+    """``bg data --peptide-set SPEC.yaml``: MD of every peptide of a set, split by sequence, with a manifest."""
+    import yaml
+
+    from bg.systems.peptide_set import PeptideSet, format_manifest, make_peptide_set, manifest_path
+
+    path = Path(args.peptide_set)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a peptide-set spec: see configs/data/peptides_*.yaml)")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: a peptide-set spec is a mapping of PeptideSet fields (and md:), got {type(spec).__name__}")
+    md_spec = spec.pop("md", None) or {}
+    known = {f.name for f in fields(MDSettings)}
+    if set(md_spec) - known:
+        raise UsageError(f"{path}: unknown md setting(s) {', '.join(sorted(set(md_spec) - known))}; known: "
+                         f"{', '.join(sorted(known))}")
+    overrides = {f.name: getattr(args, f.name) for f in fields(MDSettings) if getattr(args, f.name, None) is not None}
+    settings = MDSettings(**{**md_spec, **overrides})
+    peptides = PeptideSet.from_dict(spec)
+    splits = peptides.split()
+    ns = settings.n_frames * settings.frame_interval_ps / 1000
+    print(f"peptide set {peptides.name}: {sum(map(len, splits.values()))} peptides (train {len(splits['train'])}, "
+          f"val {len(splits['val'])}, test {len(splits['test'])}: {' '.join(splits['test'])}), "
+          f"{' + '.join(resolve_forcefield(peptides.forcefield))}, {peptides.temperature} K; MD {ns:g} ns each "
+          f"({settings.n_frames} frames every {settings.frame_interval_ps} ps)", flush=True)
+    start = time.time()
+    manifest = make_peptide_set(peptides, args.cache_dir, settings, workers=args.workers)
+    print(format_manifest(manifest))
+    print(f"data ready in {time.time() - start:.0f} s: {manifest_path(args.cache_dir, peptides.name)}")
     return 0
 
 
@@ -150,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--system", default=None,
                      help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}), 'peptide:<SEQ>', or a PDB file")
     src.add_argument("--topology", default=None, help="topology (PDB) of --trajectories")
+    src.add_argument("--peptide-set", default=None, metavar="SPEC",
+                     help="a peptide-set spec (YAML, configs/data/peptides_*.yaml): MD of many capped peptides, "
+                          "split by sequence, for transferable generators")
     src.add_argument("--trajectories", nargs="+", default=None, help="trajectory files or glob patterns")
+    data.add_argument("--workers", type=int, default=None,
+                      help="processes for --peptide-set (default: one per core)")
     data.add_argument("--stride", type=int, default=1, help="keep every n-th frame (default 1)")
     data.add_argument("--cache-dir", default="data", help="where generated MD goes (default: ./data)")
     data.add_argument("--generator", choices=["md", "replica_exchange"], default="md",
