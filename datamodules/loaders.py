@@ -59,3 +59,33 @@ class ResumableLoader(DataLoader):
             for _ in range(skip):
                 next(iterator)
         return iterator
+
+
+class ResumablePosition:
+    """DataModule mix-in: the training position (epoch, batches of it trained) kept in checkpoints by Lightning,
+    and ``_train_position`` for ``ResumableLoader(position=...)``. Needs ``self._resume = None`` in ``__init__``."""
+
+    _resume: tuple[int, int] | None = None
+
+    def _fitting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == "fit"
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position (epoch, batches of it trained), stored in checkpoints by Lightning."""
+        if not self._fitting():
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "batches": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def _train_position(self) -> tuple[int, int] | None:
+        if not self._fitting():
+            return None
+        epoch, skip = self.trainer.current_epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            skip = self._resume[1]
+        self._resume = None
+        return epoch, skip

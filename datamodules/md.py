@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.loaders import ResumableLoader, distributed_sampler
+from datamodules.loaders import ResumableLoader, ResumablePosition, distributed_sampler
 
 from bg.choices import check_choices
 from bg.quiet import quiet_c_output
@@ -44,7 +44,7 @@ DEFAULT_MD = MDSettings(n_frames=20_000, steps_per_frame=500, timestep_fs=1.0, e
                         chunk_frames=1000, seed=1)
 
 
-class MDDataModule(L.LightningDataModule):
+class MDDataModule(ResumablePosition, L.LightningDataModule):
     """Frames of an MD trajectory, as ``(B, N, 3)`` float32 nm, or as the model's representation.
 
     Args:
@@ -264,30 +264,6 @@ class MDDataModule(L.LightningDataModule):
         return ResumableLoader(ds, batch_size=batch_size, sampler=sampler,
                                drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                position=self._train_position)
-
-    # ------------------------------------------------------------------ resuming mid-epoch
-    def _fitting(self) -> bool:
-        return self.trainer is not None and self.trainer.state.fn == "fit"
-
-    def state_dict(self) -> dict[str, int]:
-        """The data position (epoch, batches of it trained), stored in checkpoints by Lightning."""
-        if not self._fitting():
-            return {}
-        return {"epoch": self.trainer.current_epoch,
-                "batches": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
-            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
-
-    def _train_position(self) -> tuple[int, int] | None:
-        if not self._fitting():
-            return None
-        epoch, skip = self.trainer.current_epoch, 0
-        if self._resume is not None and self._resume[0] == epoch:
-            skip = self._resume[1]
-        self._resume = None
-        return epoch, skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.batch_size, num_workers=self.num_workers)

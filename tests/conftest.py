@@ -83,3 +83,23 @@ TINY_NSF = dict(reduced=False, backbone_layers=2, sidechain_layers=2, bins=6, wi
 def tiny_nsf_kwargs():
     """A small split-channel NSF (seconds per epoch on 2 cores)."""
     return dict(TINY_NSF)
+
+
+TINY_PEPTIDE_MD = dict(n_frames=12, steps_per_frame=10, equilibration_steps=20, chunk_frames=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_peptide_set(tmp_path_factory):
+    """A peptide set of three capped peptides (G, A train; S test), 12 frames of MD each: (cache, spec file,
+    manifest)."""
+    import yaml
+
+    from bg.systems.peptide_set import PeptideSet, make_peptide_set
+
+    cache = tmp_path_factory.mktemp("peptides")
+    spec = dict(name="tiny", kind="list", sequences=["G", "A", "S"], n_test=1, test=["S"])
+    path = cache / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**spec, "md": TINY_PEPTIDE_MD}))
+    manifest = make_peptide_set(PeptideSet.from_dict(spec), cache, MDSettings(**TINY_PEPTIDE_MD), workers=2,
+                                progress=False)
+    return cache, path, manifest

@@ -14,7 +14,9 @@ from bg.systems import MDSettings, load_md
 from bg.systems.peptide_set import (AMINO_ACIDS, PeptideSet, effective_stride, load_manifest, make_peptide_set,
                                     manifest_path, peptide_name)
 
-TINY_MD = MDSettings(n_frames=12, steps_per_frame=10, equilibration_steps=20, chunk_frames=6, seed=3)
+from tests.conftest import TINY_PEPTIDE_MD
+
+TINY_MD = MDSettings(**TINY_PEPTIDE_MD)
 TINY = PeptideSet(name="tiny", kind="list", sequences=("G", "A", "S"), n_test=1, test=("S",))
 
 
@@ -57,9 +59,9 @@ def test_unknown_keys_name_the_known_ones():
 
 
 @pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("peptides")
-    return cache, make_peptide_set(TINY, cache, TINY_MD, workers=2, progress=False)
+def tiny_set(tiny_peptide_set):
+    cache, _, manifest = tiny_peptide_set
+    return cache, manifest
 
 
 def test_every_peptide_has_its_md_and_a_manifest_entry(tiny_set):
@@ -101,9 +103,9 @@ def test_the_cli_resumes_a_set_without_simulating_again(tiny_set, tmp_path, caps
 
     cache, manifest = tiny_set
     spec = tmp_path / "tiny.yaml"
+    md = {k: v for k, v in TINY_PEPTIDE_MD.items() if k != "seed"}
     spec.write_text(yaml.safe_dump({"name": "tiny", "kind": "list", "sequences": ["G", "A", "S"], "n_test": 1,
-                                    "test": ["S"], "md": {"n_frames": 12, "steps_per_frame": 10,
-                                                          "equilibration_steps": 20, "chunk_frames": 6}}))
+                                    "test": ["S"], "md": md}))
     before = manifest_path(cache, "tiny").read_text()
     # the seed comes from the command line (over the spec's md: section)
     assert main(["data", "--peptide-set", str(spec), "--seed", "3", "--cache-dir", str(cache), "--workers", "1"]) == 0
