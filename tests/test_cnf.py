@@ -174,3 +174,61 @@ def test_frame_checks_find_mirror_images_and_broken_bond_graphs(aldp_system, ald
     out = checks.apply(broken)
     assert out["broken_topology"].all() and not out["valid"].any()
     assert checks.apply(broken, drop_broken=False)["valid"].all()
+
+
+@pytest.fixture(scope="module")
+def glycine_tokens():
+    return atom_tokens(build_capped_peptide("G", minimize=False).topology, "full")
+
+
+def test_a_transferable_field_equals_the_bound_one_and_serves_molecules_of_any_size(aldp_field, aldp_frames,
+                                                                                   glycine_tokens):
+    field, tokens = aldp_field
+    shared = EGNN(None, ENCODING_VOCAB["full"], 16, 3, coord_hidden=True).double()
+    shared.load_state_dict(field.state_dict())
+    x = torch.as_tensor(aldp_frames[:3]) / 0.16
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        v = field(t, x)
+        assert torch.equal(shared(t, x, tokens), v) and torch.equal(shared.bind(tokens)(t, x), v)
+        # another molecule (Ace-Gly-Nme, 19 atoms) through the same weights: its own equivariant field
+        n = len(glycine_tokens)
+        y = centred(torch.randn(3, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+        w = shared(t, y, glycine_tokens)
+        assert w.shape == (3, n, 3) and w.abs().mean() > 1e-2
+        np.testing.assert_allclose(w.sum(1).numpy(), 0.0, atol=1e-12)
+        q = orthogonal(2)
+        torch.testing.assert_close(shared(t, y @ q.T, glycine_tokens), w @ q.T, atol=1e-10, rtol=1e-5)
+        assert not torch.allclose(shared(t, y, glycine_tokens.flip(0)), w)  # the tokens matter
+
+
+def test_one_field_samples_two_molecules_with_their_densities(aldp_field, glycine_tokens):
+    _, tokens = aldp_field
+    field = EGNN(None, ENCODING_VOCAB["full"], 8, 2, coord_hidden=True).double()
+    with torch.no_grad():
+        for layer in field.layers:
+            layer.coord[-1].weight.normal_(0, 0.1)  # a field that moves the prior's samples, not a stiff one
+    for toks in (tokens, glycine_tokens):
+        flow = ContinuousFlow(field.bind(toks), len(toks), ODESolver("rk4", steps=4)).double()
+        x, log_q = flow.sample(2, generator=torch.Generator().manual_seed(0))
+        x0 = flow.prior_sample(2, torch.float64, generator=torch.Generator().manual_seed(0))
+        assert x.shape == (2, len(toks), 3) and torch.isfinite(log_q).all()
+        assert (x - x0).abs().max() > 1e-2 and not torch.allclose(log_q, flow.prior_log_prob(x0))
+        if toks is glycine_tokens:  # the ODE back to the prior (one molecule: each solve costs 3N backward passes)
+            torch.testing.assert_close(flow.log_prob(x), log_q, atol=1e-3, rtol=0)
+
+
+def test_transferable_field_errors_name_the_problem(aldp_field, glycine_tokens):
+    field, tokens = aldp_field
+    shared = EGNN(None, ENCODING_VOCAB["full"], 8, 1)
+    x = torch.zeros(1, len(tokens), 3)
+    with pytest.raises(ValueError, match="needs the molecule's tokens"):
+        shared(0.5, x)
+    with pytest.raises(ValueError, match="19 atom tokens for frames of 22 atoms"):
+        shared(0.5, x, glycine_tokens)
+    bad = tokens.clone()
+    bad[0, 0] = 999
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        shared.bind(bad)
+    with pytest.raises(ValueError, match="no fixed number of atoms"):
+        shared.n_atoms

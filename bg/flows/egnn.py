@@ -68,45 +68,91 @@ class EGNNLayer(nn.Module):
 
 
 class EGNN(nn.Module):
-    """Equivariant vector field v(t, x) over the atoms of one molecule.
+    """Equivariant vector field v(t, x) over the atoms of a molecule.
 
     Args:
-        tokens: atom tokens ``(N, C)`` (``bg.systems.encodings.atom_tokens``).
-        vocab_sizes: vocabulary size of each token column.
+        tokens: atom tokens ``(N, C)`` (``bg.systems.encodings.atom_tokens``) of the molecule the field is for,
+            or ``None`` for a transferable field that gets each molecule's tokens with the call.
+        vocab_sizes: vocabulary size of each token column (global vocabularies: any peptide's tokens fit).
         hidden: node and edge feature width H.
         layers: number of EGNN layers.
 
-    ``forward(t, x)``: t scalar or ``(B,)`` in [0, 1], x ``(B, N, 3)`` (flow units) → v ``(B, N, 3)``
-    with zero mean over atoms.
+    ``forward(t, x, tokens=None)``: t scalar or ``(B,)`` in [0, 1], x ``(B, N, 3)`` (flow units) → v ``(B, N, 3)``
+    with zero mean over atoms; ``tokens`` ``(N, C)`` of the molecule x holds (default: the ones given at
+    construction). The weights do not depend on N, so one field serves molecules of any size
+    (:meth:`bind` fixes the molecule for a ``ContinuousFlow``).
     """
 
-    def __init__(self, tokens: Tensor, vocab_sizes: Sequence[int], hidden: int = 64, layers: int = 5,
+    def __init__(self, tokens: Tensor | None, vocab_sizes: Sequence[int], hidden: int = 64, layers: int = 5,
                  coord_hidden: bool = True):
         super().__init__()
-        if tokens.ndim != 2 or tokens.shape[1] != len(vocab_sizes):
-            raise ValueError(f"tokens must be (N, {len(vocab_sizes)}), got {tuple(tokens.shape)}")
-        if len(tokens) < 2:
-            raise ValueError("an EGNN needs at least 2 atoms")
-        self.register_buffer("tokens", tokens.long().clone(), persistent=False)
+        self.vocab_sizes = tuple(vocab_sizes)
+        if tokens is not None:
+            self._check(tokens)
+            self.register_buffer("tokens", tokens.long().clone(), persistent=False)
+        else:
+            self.tokens = None
         self.embed = nn.ModuleList(nn.Embedding(v, hidden) for v in vocab_sizes)
         self.time = nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.layers = nn.ModuleList(EGNNLayer(hidden, coord_hidden) for _ in range(layers))
-        i, j = torch.triu_indices(len(tokens), len(tokens), 1)
-        self.register_buffer("pair_i", i, persistent=False)
-        self.register_buffer("pair_j", j, persistent=False)
+        self._pairs: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def _check(self, tokens: Tensor) -> None:
+        if tokens.ndim != 2 or tokens.shape[1] != len(self.vocab_sizes):
+            raise ValueError(f"tokens must be (N, {len(self.vocab_sizes)}), got {tuple(tokens.shape)}")
+        if len(tokens) < 2:
+            raise ValueError("an EGNN needs at least 2 atoms")
+        too_big = [k for k, v in enumerate(self.vocab_sizes) if int(tokens[:, k].max()) >= v]
+        if too_big or int(tokens.min()) < 0:
+            raise ValueError(f"token column(s) {too_big} outside the vocabulary sizes {self.vocab_sizes}")
+
+    @property
+    def n_atoms(self) -> int:
+        if self.tokens is None:
+            raise ValueError("a transferable EGNN (tokens=None) has no fixed number of atoms")
+        return len(self.tokens)
+
+    def pairs(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices i < j ``(P,)`` of the N(N−1)/2 unordered atom pairs (cached per N and device)."""
+        key = (n, device)
+        if key not in self._pairs:
+            self._pairs[key] = tuple(torch.triu_indices(n, n, 1, device=device))
+        return self._pairs[key]
+
+    def forward(self, t: Tensor, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        tokens = self.tokens if tokens is None else tokens
+        if tokens is None:
+            raise ValueError("a transferable EGNN needs the molecule's tokens: field(t, x, tokens)")
+        if len(tokens) != x.shape[-2]:
+            raise ValueError(f"{len(tokens)} atom tokens for frames of {x.shape[-2]} atoms")
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(b, 1)
+        h = sum(e(tokens[:, k]) for k, e in enumerate(self.embed)).to(x.dtype)
+        h = h.unsqueeze(0) + self.time(t).unsqueeze(1)  # (B, N, H)
+        i, j = self.pairs(x.shape[-2], x.device)
+        d0 = (x[:, i] - x[:, j]).square().sum(-1, keepdim=True)
+        y = x
+        for layer in self.layers:
+            h, y = layer(h, y, d0, i, j)
+        return centred(y - x)
+
+    def bind(self, tokens: Tensor) -> "BoundField":
+        """This field for one molecule: a module ``(t, x) → v`` sharing these weights."""
+        self._check(tokens)
+        return BoundField(self, tokens)
+
+
+class BoundField(nn.Module):
+    """A transferable field fixed to one molecule's tokens (what ``ContinuousFlow`` integrates)."""
+
+    def __init__(self, field: EGNN, tokens: Tensor):
+        super().__init__()
+        self.field = field
+        self.register_buffer("tokens", tokens.long().clone(), persistent=False)
 
     @property
     def n_atoms(self) -> int:
         return len(self.tokens)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        b = x.shape[0]
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1).expand(b, 1)
-        h = sum(e(self.tokens[:, k]) for k, e in enumerate(self.embed)).to(x.dtype)
-        h = h.unsqueeze(0) + self.time(t).unsqueeze(1)  # (B, N, H)
-        i, j = self.pair_i, self.pair_j
-        d0 = (x[:, i] - x[:, j]).square().sum(-1, keepdim=True)
-        y = x
-        for layer in self.layers:
-            h, y = layer(h, y, d0, i, j)
-        return centred(y - x)
+        return self.field(t, x, self.tokens)
