@@ -79,7 +79,7 @@ def _peptide_set(args: argparse.Namespace) -> int:
 
     path = Path(args.peptide_set)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a peptide-set spec: see configs/data/peptides_*.yaml)")
+        raise FileNotFoundError(f"{path}: no such file (a peptide-set spec: see configs/peptide_sets/*.yaml)")
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec, dict):
         raise UsageError(f"{path}: a peptide-set spec is a mapping of PeptideSet fields (and md:), got {type(spec).__name__}")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"built-in system ({', '.join(BUILTIN_SYSTEMS)}), 'peptide:<SEQ>', or a PDB file")
     src.add_argument("--topology", default=None, help="topology (PDB) of --trajectories")
     src.add_argument("--peptide-set", default=None, metavar="SPEC",
-                     help="a peptide-set spec (YAML, configs/data/peptides_*.yaml): MD of many capped peptides, "
+                     help="a peptide-set spec (YAML, configs/peptide_sets/*.yaml): MD of many capped peptides, "
                           "split by sequence, for transferable generators")
     src.add_argument("--trajectories", nargs="+", default=None, help="trajectory files or glob patterns")
     data.add_argument("--workers", type=int, default=None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -61,9 +62,9 @@ class ResumableLoader(DataLoader):
         return iterator
 
 
-class ResumablePosition:
-    """DataModule mix-in: the training position (epoch, batches of it trained) kept in checkpoints by Lightning,
-    and ``_train_position`` for ``ResumableLoader(position=...)``. Needs ``self._resume = None`` in ``__init__``."""
+class ResumableDataModule(L.LightningDataModule):
+    """A DataModule whose training position (epoch, batches of it trained) is kept in checkpoints by Lightning;
+    ``_train_position`` is what ``ResumableLoader(position=...)`` asks (see the module docstring)."""
 
     _resume: tuple[int, int] | None = None
 

@@ -20,7 +20,6 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import mdtraj as md
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.loaders import ResumableLoader, ResumablePosition, distributed_sampler
+from datamodules.loaders import ResumableLoader, ResumableDataModule, distributed_sampler
 
 from bg.choices import check_choices
 from bg.quiet import quiet_c_output
@@ -44,7 +43,7 @@ DEFAULT_MD = MDSettings(n_frames=20_000, steps_per_frame=500, timestep_fs=1.0, e
                         chunk_frames=1000, seed=1)
 
 
-class MDDataModule(ResumablePosition, L.LightningDataModule):
+class MDDataModule(ResumableDataModule):
     """Frames of an MD trajectory, as ``(B, N, 3)`` float32 nm, or as the model's representation.
 
     Args:

@@ -5,7 +5,7 @@ In a config::
     data:
       class_path: datamodules.PeptideSetDataModule
       init_args:
-        peptide_set: configs/data/peptides_single.yaml   # made by `bg data --peptide-set` (or on first use)
+        peptide_set: configs/peptide_sets/single_residues.yaml   # made by `bg data --peptide-set` (or on first use)
         batch_mode: molecule      # every batch holds frames of one peptide; mixed: padded, with masks
         batch_size: 128
 
@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 import yaml
@@ -40,7 +39,7 @@ from bg.choices import check_choices
 from bg.quiet import quiet_c_output
 from bg.systems import MDSettings, MolecularSystem, get_system, load_md
 from bg.systems.peptide_set import SPLITS, PeptideSet, make_peptide_set, manifest_path
-from datamodules.loaders import ResumableLoader, ResumablePosition, distributed_sampler
+from datamodules.loaders import ResumableLoader, ResumableDataModule, distributed_sampler
 
 BatchMode = Literal["molecule", "mixed"]
 
@@ -49,7 +48,7 @@ def read_spec(path: str | Path) -> tuple[PeptideSet, MDSettings]:
     """A peptide-set spec file (YAML: ``PeptideSet`` fields and an ``md:`` section of ``MDSettings``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such peptide-set spec (see configs/data/peptides_*.yaml)")
+        raise FileNotFoundError(f"{path}: no such peptide-set spec (see configs/peptide_sets/*.yaml)")
     spec = yaml.safe_load(path.read_text()) or {}
     md = spec.pop("md", None) or {}
     return PeptideSet.from_dict(spec), MDSettings(**md)
@@ -129,7 +128,7 @@ class _EpochLoader(ResumableLoader):
         return super().__iter__()
 
 
-class PeptideSetDataModule(ResumablePosition, L.LightningDataModule):
+class PeptideSetDataModule(ResumableDataModule):
     """The frames of a peptide set (``bg.systems.peptide_set``), split by sequence (see module docstring).
 
     Args:

@@ -74,11 +74,13 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, aldp_data_args, tin
         # rounding-level differences in near-zero gradients reach ~1e-6 through Adam's normalisation.
         torch.testing.assert_close(w_two[k], w_one[k], rtol=1e-4, atol=1e-5)
     for k in COMPARED:
-        # The ESS and the importance-reweighted metrics exponentiate log-weight differences of order 1e2:
-        # rounding of 1e-7 relative in log q reaches them as ~1e-5, so they are compared at 1e-3 and every
-        # other metric at 1e-5.
-        rel = 1e-3 if k == "val/ess" or k.endswith("_reweighted") else 1e-5
-        assert two[k] == pytest.approx(one[k], rel=rel, abs=1e-7), k
+        # Weights that agree to ≤ 1e-5 give samples that agree to ~1e-5: the sample metrics are compared at
+        # 1e-4 (measured on an AMD EPYC VM, 2026-12-02: up to 2.2e-5), and the ESS and the importance-reweighted
+        # metrics, which exponentiate log-weight differences of order 1e2, at 1e-2 (measured: up to 2.1e-3).
+        # Evaluating one rank's 192 samples instead of all 384, or weights trained on half the data, moves
+        # every one of them by far more.
+        rel = 1e-2 if k == "val/ess" or k.endswith("_reweighted") else 1e-4
+        assert two[k] == pytest.approx(one[k], rel=rel, abs=1e-7), (k, one[k], two[k])
     assert 1.5 / 384 <= one["val/ess"] <= 1  # more than one sample carries the weight: the ESS compared is not 1/n
 
 

@@ -10,7 +10,7 @@ backbone torsions and the effective frames. Each peptide's MD sits where ``MDDat
 ``system: peptide:<SEQ>`` with the same MD settings (``<cache_dir>/ace-<seq>-nme/md``), so any one
 of them loads as a single-molecule dataset too.
 
-    bg data --peptide-set configs/data/peptides_single.yaml
+    bg data --peptide-set configs/peptide_sets/single_residues.yaml
 """
 
 from __future__ import annotations
