@@ -11,6 +11,7 @@ reports every peptide's own cost).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -30,7 +31,10 @@ def table(manifest: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for split in SPLITS:
         for seq in manifest["splits"][split]:
-            e = manifest["peptides"][seq]
+            e = manifest["peptides"].get(seq)
+            if e is None:
+                rows.append(f"| {split} | ace-{seq.lower()}-nme | – | not made yet | – | – | – |")
+                continue
             rows.append(f"| {split} | {e['name']} | {e['n_atoms']} | {e['frames']} | {e['statistical_inefficiency']:.1f} "
                         f"| {e['effective_frames']:.0f} | {e['seconds']:.0f} |")
     return "\n".join(rows)
@@ -42,11 +46,16 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="data")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     ap.add_argument("--out", default="bench/results/peptide_sets.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="report the set as far as it is made (an interrupted run), without simulating")
     args = ap.parse_args()
 
     spec, md = read_spec(args.spec)
     start = time.time()
-    manifest = make_peptide_set(spec, args.cache_dir, md, workers=args.workers)
+    if args.report_only:
+        manifest = json.loads(manifest_path(args.cache_dir, spec.name).read_text())
+    else:
+        manifest = make_peptide_set(spec, args.cache_dir, md, workers=args.workers)
     wall = time.time() - start
     cpu = sum(e["seconds"] for e in manifest["peptides"].values())
     ns = md.n_frames * md.frame_interval_ps / 1000
@@ -54,9 +63,11 @@ def main() -> None:
     section = (
         f"## {spec.name} ({time.strftime('%Y-%m-%d')})\n\n"
         f"Machine: {platform.node()} ({os.cpu_count()} cores, no GPU). Command: `{command}`. "
-        f"Spec: {args.spec}; {len(manifest['peptides'])} peptides, {spec.forcefield}, {spec.temperature} K, "
-        f"{ns:g} ns each ({md.n_frames} frames every {md.frame_interval_ps} ps). This call: {wall / 60:.1f} min wall; "
-        f"MD of all peptides: {cpu / 60:.1f} CPU-min (one OpenMM thread each). Manifest: "
+        f"Spec: {args.spec}; {len(spec.expand())} peptides, {spec.forcefield}, {spec.temperature} K, "
+        f"{ns:g} ns each ({md.n_frames} frames every {md.frame_interval_ps} ps). "
+        + ("Report of an interrupted run (the same command without --report-only resumes it); "
+           if args.report_only else f"This call: {wall / 60:.1f} min wall; ")
+        + f"MD of the {len(manifest['peptides'])} peptides made: {cpu / 60:.1f} CPU-min (one OpenMM thread each). Manifest: "
         f"{manifest_path(args.cache_dir, spec.name)}.\n\n{table(manifest)}\n\n"
     )
     out = Path(args.out)

@@ -129,3 +129,9 @@ def test_the_cli_names_a_bad_spec(tmp_path, capsys):
     spec.write_text("name: x\nkind: list\nsequences: [A, G]\nmd: {n_frame: 10}\n")
     assert main(["data", "--peptide-set", str(spec)]) == 2
     assert "unknown md setting(s) n_frame" in capsys.readouterr().err
+
+
+def test_an_unknown_force_field_fails_before_any_md(tmp_path):
+    with pytest.raises(ValueError, match="amber99"):
+        make_peptide_set(replace(TINY, forcefield="amber99"), tmp_path, TINY_MD, workers=1, progress=False)
+    assert not manifest_path(tmp_path, "tiny").exists()

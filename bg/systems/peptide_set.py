@@ -184,6 +184,9 @@ def make_peptide_set(spec: PeptideSet, cache_dir: str | Path = "data", md: MDSet
     """
     from tqdm.auto import tqdm
 
+    from bg.systems.system import resolve_forcefield
+
+    resolve_forcefield(spec.forcefield)  # an unknown force field fails here, not in every worker
     cache_dir = Path(cache_dir)
     md = replace(md or MDSettings(), threads=1)
     splits = spec.split()
@@ -204,16 +207,27 @@ def make_peptide_set(spec: PeptideSet, cache_dir: str | Path = "data", md: MDSet
     if todo:
         import multiprocessing as mp
 
+        failed: dict[str, str] = {}
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             jobs = {pool.submit(_one_peptide, s, *args): s for s in todo}
             for job in as_completed(jobs):
-                entry = job.result()
+                try:
+                    entry = job.result()
+                except Exception as exc:  # one peptide's failure must not lose the others' MD
+                    failed[jobs[job]] = f"{type(exc).__name__}: {exc}"
+                    continue
                 entry["split"] = split_of[entry["sequence"]]
                 manifest["peptides"][entry["sequence"]] = entry
                 _atomic_json(path, manifest)
                 bar.set_postfix_str(f"{entry['sequence']}: g {entry['statistical_inefficiency']:.0f}")
                 bar.update(1)
+        if failed:
+            bar.close()
+            raise RuntimeError(f"peptide set {spec.name}: {len(failed)} peptide(s) failed (the others are kept and a "
+                               "rerun resumes): " + "; ".join(f"{s}: {why}" for s, why in failed.items()))
     bar.close()
+    for seq, entry in manifest["peptides"].items():  # a changed split of a resumed set
+        entry["split"] = split_of[seq]
     manifest["peptides"] = {s: manifest["peptides"][s] for s in spec.expand()}
     _atomic_json(path, manifest)
     return json.loads(path.read_text())
