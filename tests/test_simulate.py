@@ -65,3 +65,15 @@ def test_bad_settings():
 
     with pytest.raises(ValueError, match="platform 'Quantum' is not available"):
         choose_platform(10, "Quantum")
+
+
+def test_auto_platform_avoids_reference_for_custom_gb_forces():
+    # amber14's implicit/obc2.xml is a CustomGBForce: ~5× slower on Reference than on one CPU thread
+    from bg.systems import build_capped_peptide
+    from bg.systems.simulate import choose_platform
+
+    for forcefield, expected in (("amber14-obc2", "CPU"), ("amber99sbildn-obc", "Reference")):
+        system = build_capped_peptide("A", forcefield=forcefield, minimize=False)
+        platform, _ = choose_platform(system.n_atoms, "auto", 1, system.create_openmm_system())
+        assert platform.getName() == expected, forcefield
+    assert choose_platform(22)[0].getName() == "Reference"  # without the system: by size alone
