@@ -22,21 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bg.systems.peptide_set import SPLITS, make_peptide_set, manifest_path  # noqa: E402
+from bg.systems.peptide_set import make_peptide_set, manifest_path, manifest_rows  # noqa: E402
 from datamodules.peptides import read_spec  # noqa: E402
 
 
 def table(manifest: dict) -> str:
     rows = ["| split | peptide | atoms | frames | g (frames) | effective frames | MD CPU time (s) |",
             "|---|---|---|---|---|---|---|"]
-    for split in SPLITS:
-        for seq in manifest["splits"][split]:
-            e = manifest["peptides"].get(seq)
-            if e is None:
-                rows.append(f"| {split} | ace-{seq.lower()}-nme | – | not made yet | – | – | – |")
-                continue
-            rows.append(f"| {split} | {e['name']} | {e['n_atoms']} | {e['frames']} | {e['statistical_inefficiency']:.1f} "
-                        f"| {e['effective_frames']:.0f} | {e['seconds']:.0f} |")
+    for split, seq, e in manifest_rows(manifest):
+        if e is None:
+            rows.append(f"| {split} | ace-{seq.lower()}-nme | – | not made yet | – | – | – |")
+            continue
+        rows.append(f"| {split} | {e['name']} | {e['n_atoms']} | {e['frames']} | {e['statistical_inefficiency']:.1f} "
+                    f"| {e['effective_frames']:.0f} | {e['seconds']:.0f} |")
     return "\n".join(rows)
 
 

@@ -241,17 +241,22 @@ def load_manifest(cache_dir: str | Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def manifest_rows(manifest: dict):
+    """``(split, sequence, entry or None)`` for every peptide of a manifest, split by split (None: not made yet)."""
+    for split in SPLITS:
+        for seq in manifest["splits"][split]:
+            yield split, seq, manifest["peptides"].get(seq)
+
+
 def format_manifest(manifest: dict) -> str:
     """A table of the set: split, sequence, atoms, frames, g and effective frames per peptide."""
     rows = [f"{'split':<6} {'peptide':<14} {'atoms':>5} {'frames':>7} {'g':>7} {'effective':>9}"]
-    for split in SPLITS:
-        for seq in manifest["splits"][split]:
-            e = manifest["peptides"].get(seq)
-            if e is None:
-                rows.append(f"{split:<6} {peptide_name(seq):<14} (not made yet)")
-                continue
-            rows.append(f"{split:<6} {e['name']:<14} {e['n_atoms']:>5} {e['frames']:>7} "
-                        f"{e['statistical_inefficiency']:>7.1f} {e['effective_frames']:>9.0f}")
+    for split, seq, e in manifest_rows(manifest):
+        if e is None:
+            rows.append(f"{split:<6} {peptide_name(seq):<14} (not made yet)")
+            continue
+        rows.append(f"{split:<6} {e['name']:<14} {e['n_atoms']:>5} {e['frames']:>7} "
+                    f"{e['statistical_inefficiency']:>7.1f} {e['effective_frames']:>9.0f}")
     counts = ", ".join(f"{k} {len(v)}" for k, v in manifest["splits"].items())
     total = sum(e.get("seconds", 0.0) for e in manifest["peptides"].values())
     rows.append(f"{len(manifest['peptides'])} peptides ({counts}); MD {total / 60:.1f} CPU-min in all")
