@@ -22,8 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bg.systems.peptide_set import make_peptide_set, manifest_path, manifest_rows  # noqa: E402
-from datamodules.peptides import read_spec  # noqa: E402
+from bg.systems.peptide_set import make_peptide_set, manifest_path, manifest_rows, read_spec  # noqa: E402
 
 
 def table(manifest: dict) -> str:

@@ -73,24 +73,13 @@ def _data(args: argparse.Namespace) -> int:
 
 def _peptide_set(args: argparse.Namespace) -> int:
     """``bg data --peptide-set SPEC.yaml``: MD of every peptide of a set, split by sequence, with a manifest."""
-    import yaml
+    from dataclasses import replace
 
-    from bg.systems.peptide_set import PeptideSet, format_manifest, make_peptide_set, manifest_path
+    from bg.systems.peptide_set import format_manifest, make_peptide_set, manifest_path, read_spec
 
-    path = Path(args.peptide_set)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a peptide-set spec: see configs/peptide_sets/*.yaml)")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec, dict):
-        raise UsageError(f"{path}: a peptide-set spec is a mapping of PeptideSet fields (and md:), got {type(spec).__name__}")
-    md_spec = spec.pop("md", None) or {}
-    known = {f.name for f in fields(MDSettings)}
-    if set(md_spec) - known:
-        raise UsageError(f"{path}: unknown md setting(s) {', '.join(sorted(set(md_spec) - known))}; known: "
-                         f"{', '.join(sorted(known))}")
+    peptides, spec_md = read_spec(args.peptide_set)
     overrides = {f.name: getattr(args, f.name) for f in fields(MDSettings) if getattr(args, f.name, None) is not None}
-    settings = MDSettings(**{**md_spec, **overrides})
-    peptides = PeptideSet.from_dict(spec)
+    settings = replace(spec_md, **overrides)
     splits = peptides.split()
     ns = settings.n_frames * settings.frame_interval_ps / 1000
     print(f"peptide set {peptides.name}: {sum(map(len, splits.values()))} peptides (train {len(splits['train'])}, "

@@ -31,27 +31,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from bg.choices import check_choices
 from bg.quiet import quiet_c_output
 from bg.systems import MDSettings, MolecularSystem, get_system, load_md
-from bg.systems.peptide_set import SPLITS, PeptideSet, make_peptide_set, manifest_path
+from bg.systems.peptide_set import SPLITS, make_peptide_set, manifest_path, read_spec
 from datamodules.loaders import ResumableLoader, ResumableDataModule, distributed_sampler
 
 BatchMode = Literal["molecule", "mixed"]
-
-
-def read_spec(path: str | Path) -> tuple[PeptideSet, MDSettings]:
-    """A peptide-set spec file (YAML: ``PeptideSet`` fields and an ``md:`` section of ``MDSettings``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such peptide-set spec (see configs/peptide_sets/*.yaml)")
-    spec = yaml.safe_load(path.read_text()) or {}
-    md = spec.pop("md", None) or {}
-    return PeptideSet.from_dict(spec), MDSettings(**md)
 
 
 class MoleculeBatches(Dataset):

@@ -121,6 +121,24 @@ class PeptideSet:
         return {"train": [s for s in seqs if s not in held], "val": sorted(val), "test": sorted(test)}
 
 
+def read_spec(path: str | Path) -> tuple[PeptideSet, MDSettings]:
+    """A peptide-set spec file (YAML: ``PeptideSet`` fields and an ``md:`` section of ``MDSettings``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such peptide-set spec (see configs/peptide_sets/*.yaml)")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a peptide-set spec is a mapping of PeptideSet fields (and md:), got {type(spec).__name__}")
+    md = spec.pop("md", None) or {}
+    known = set(MDSettings.__dataclass_fields__)
+    if set(md) - known:
+        raise ValueError(f"{path}: unknown md setting(s) {', '.join(sorted(set(md) - known))}; known: "
+                         f"{', '.join(sorted(known))}")
+    return PeptideSet.from_dict(spec), MDSettings(**md)
+
+
 def peptide_name(sequence: str) -> str:
     """The system name ``build_capped_peptide`` gives (and ``MDDataModule`` caches under)."""
     return f"ace-{sequence.lower()}-nme"
