@@ -164,11 +164,14 @@ class BGCLI(LightningCLI):
 
     def predict(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None,
                 ckpt_path: str | None = None, **kwargs):
-        """Sampling needs the trained checkpoint, not the MD data: the molecule is inside it."""
+        """Sampling needs the trained checkpoint, not the MD data: the molecule is inside it (a transferable
+        generator's comes from ``data.sequence``)."""
         if ckpt_path is None:
             raise ValueError("bg predict needs --ckpt_path (a checkpoint written by bg fit)")
         if isinstance(model, BoltzmannGenerator):
             model.build_from_checkpoint(ckpt_path)
+        if hasattr(model, "bind") and datamodule is not None and hasattr(datamodule, "predict_system"):
+            model.bind(datamodule.predict_system())  # a transferable generator samples the molecule data.sequence names
         with _stop_on_sigterm("bg predict"), warnings.catch_warnings():
             # predict saves no checkpoint: that the checkpoint folder moved (no logger now) does not matter
             warnings.filterwarnings("ignore", message="The dirpath has changed")

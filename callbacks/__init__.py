@@ -5,8 +5,9 @@ By design a callback never builds a flow: it calls the generator's public API (`
 """
 
 from callbacks.evaluation import SampleEvaluation
+from callbacks.molecules import MoleculeEvaluation
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.stages import LossStages, Stage
 from callbacks.writer import SampleWriter
 
-__all__ = ["LossStages", "PreemptionCheckpoint", "SampleEvaluation", "SampleWriter", "Stage"]
+__all__ = ["LossStages", "MoleculeEvaluation", "PreemptionCheckpoint", "SampleEvaluation", "SampleWriter", "Stage"]

@@ -129,11 +129,13 @@ class PeptideSetDataModule(ResumableDataModule):
         max_frames: at most this many frames per peptide (after the stride), from the start.
         workers: MD processes for ``prepare_data`` (default: one per core).
         num_workers: DataLoader workers.
+        sequence: the molecule ``bg predict`` samples: a one-letter peptide sequence (capped with Ace/Nme, in the
+            set's force field; any peptide, in the set or not) or a PDB file.
     """
 
     def __init__(self, peptide_set: str, cache_dir: str = "data", batch_mode: BatchMode = "molecule",
                  batch_size: int = 128, stride: int = 1, max_frames: int | None = None, workers: int | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, sequence: str | None = None):
         super().__init__()
         check_choices(PeptideSetDataModule.__init__, dict(batch_mode=batch_mode), "data ")
         if batch_size < 1 or stride < 1 or (max_frames is not None and max_frames < 1):
@@ -142,7 +144,7 @@ class PeptideSetDataModule(ResumableDataModule):
         self.spec, self.md_settings = read_spec(peptide_set)
         self.cache_dir = Path(cache_dir)
         self.batch_mode, self.batch_size, self.stride, self.max_frames = batch_mode, batch_size, stride, max_frames
-        self.workers, self.num_workers = workers, num_workers
+        self.workers, self.num_workers, self.sequence = workers, num_workers, sequence
         self.split = self.spec.split()
         self.molecules: list[str] = [s for key in SPLITS for s in self.split[key]]  # train first, then val, test
         self._systems: dict[str, MolecularSystem] = {}
@@ -172,13 +174,35 @@ class PeptideSetDataModule(ResumableDataModule):
     def split_of(self, m: int) -> str:
         return next(k for k in SPLITS if self.molecules[m] in self.split[k])
 
+    def description(self) -> dict:
+        """The set as a transferable generator's checkpoint keeps it: name, force field, temperature and the
+        sequences of each split."""
+        return dict(name=self.spec.name, forcefield=self.spec.forcefield, temperature=self.spec.temperature,
+                    **{key: list(self.split[key]) for key in SPLITS})
+
+    def predict_system(self) -> MolecularSystem:
+        """The ``MolecularSystem`` of ``sequence`` (what ``bg predict`` samples)."""
+        if self.sequence is None:
+            raise ValueError("bg predict of a transferable generator needs the molecule: --data.sequence SEQ (one-letter "
+                             f"codes, capped with Ace/Nme) or a PDB file; this set's test peptides: "
+                             f"{', '.join(self.split['test']) or 'none'}")
+        if Path(self.sequence).suffix.lower() in {".pdb", ".cif", ".mmcif"}:
+            return get_system(self.sequence, temperature=self.spec.temperature, forcefield=self.spec.forcefield)
+        return self.system(self.sequence)
+
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == "predict"
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        """MD of every peptide not made yet (rank 0 only under DDP); resumes."""
+        """MD of every peptide not made yet (rank 0 only under DDP); resumes. Not for ``predict``: sampling needs
+        the checkpoint and the molecule only."""
+        if self._predicting():
+            return
         make_peptide_set(self.spec, self.cache_dir, self.md_settings, workers=self.workers)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.positions:
+        if self.positions or stage == "predict":
             return
         path = manifest_path(self.cache_dir, self.spec.name)
         if not path.exists():

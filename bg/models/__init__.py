@@ -4,5 +4,6 @@ from bg.models.base import BoltzmannGenerator
 from bg.models.cnf import EquivariantCNF
 from bg.models.nsf import SplitChannelNSF
 from bg.models.tarflow import TarFlowGenerator
+from bg.models.transferable_cnf import TransferableCNF
 
-__all__ = ["BoltzmannGenerator", "EquivariantCNF", "SplitChannelNSF", "TarFlowGenerator"]
+__all__ = ["BoltzmannGenerator", "EquivariantCNF", "SplitChannelNSF", "TarFlowGenerator", "TransferableCNF"]

@@ -33,8 +33,17 @@ class CheckpointHooks:
                 raise ValueError(f"{ckpt_path}: not a bg generator checkpoint (no 'bg_system' entry)")
             self.build(MolecularSystem.from_dict(ckpt["bg_system"]), None)
 
+    def molecule_entries(self) -> dict[str, Any]:
+        """What the checkpoint holds of the molecule (``bg_system``)."""
+        return {"bg_system": self.system.to_dict()}
+
+    def restore_molecule(self, checkpoint: dict[str, Any]) -> None:
+        """Build the density for the checkpoint's molecule (unless built), before the weights load."""
+        if not self.is_built:
+            self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bg_system"] = self.system.to_dict()
+        checkpoint.update(self.molecule_entries())
         checkpoint["bg_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["bg_format"] = CHECKPOINT_FORMAT
         checkpoint["bg_loss_weights"] = dict(self.loss_weights)
@@ -43,8 +52,7 @@ class CheckpointHooks:
         checkpoint["bg_rng_state"] = torch.get_rng_state()  # an exact single-device resume
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.is_built:
-            self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
+        self.restore_molecule(checkpoint)
         if checkpoint.get("bg_format", 1) < CHECKPOINT_FORMAT:
             checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.key_renames)
         self.loss_weights = dict(checkpoint.get("bg_loss_weights", self.loss_weights))
