@@ -3,9 +3,11 @@
 For each peptide of the DataModule's ``split`` (``val``: peptides never trained on), the callback binds
 the generator to it (``pl_module.bind(system)``), draws ``n_samples`` with importance weights against that
 peptide's own force field and compares them with the peptide's MD frames through ``bg.evaluation.evaluate``.
-It logs every value per peptide, ``val/<metric>/<SEQ>`` (``ess``, ``torsion_w2``, ``torsion_w2_reweighted``,
-``energy_w2``, basins for single residues, …), and their means over the peptides as ``val/<metric>``
-(``val/ess``: the mean held-out ESS/n, what a checkpoint can monitor).
+It logs every value per peptide, ``<split>/<metric>/<SEQ>`` (``ess``, ``torsion_w2``, ``torsion_w2_reweighted``,
+``energy_w2``, basins for single residues, …), and their means over the peptides as ``<split>/<metric>``
+(``val/ess``: the mean held-out ESS/n, what a checkpoint can monitor). It runs at the end of training epochs,
+so it needs no validation loop: a set without validation peptides (``n_val: 0``, every non-test peptide
+trains) can log its test peptides (``split: test``) for reading — not for choosing checkpoints by them.
 
 Each rank draws its own ``n_samples`` (seed, step, rank), and Lightning averages the ranks' values.
 The generator must offer ``bind(system)`` (``bg.models.TransferableCNF``); the DataModule ``split``,
@@ -29,7 +31,7 @@ class MoleculeEvaluation(Callback):
     docstring).
 
     Args:
-        every_n_epochs: evaluate at the end of validation epochs 1-based divisible by n (and the last one).
+        every_n_epochs: evaluate at the end of training epochs 1-based divisible by n (and the last one).
         n_samples: samples per peptide and rank.
         split: the DataModule split whose peptides are evaluated (``val`` or ``test``).
         max_molecules: at most this many of the split's peptides (in split order; ``None``: all).
@@ -53,17 +55,15 @@ class MoleculeEvaluation(Callback):
             raise ValueError(f"MoleculeEvaluation evaluates transferable generators (with bind()); "
                              f"{type(pl_module).__name__} is built for one molecule: use callbacks.SampleEvaluation")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or math.inf)
         if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
             return
         for name, value in self.evaluate(trainer, pl_module).items():
-            pl_module.log(name, value, on_epoch=True, sync_dist=True, prog_bar=name == "val/ess")
+            pl_module.log(name, value, on_epoch=True, sync_dist=True, prog_bar=name == f"{self.split}/ess")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Evaluate every peptide of the split; ``{"val/<metric>/<SEQ>": …, "val/<metric>": mean}``."""
+        """Evaluate every peptide of the split; ``{"<split>/<metric>/<SEQ>": …, "<split>/<metric>": mean}``."""
         dm = trainer.datamodule
         sequences = list(dm.split[self.split])[: self.max_molecules]
         if not sequences:
@@ -76,11 +76,11 @@ class MoleculeEvaluation(Callback):
             seed = stream_seed(self.seed, trainer.global_step, trainer.global_rank * len(sequences) + k)
             for metric, value in evaluate(pl_module.proposal, pl_module.energy, ref, self.n_samples, seed=seed,
                                           energy_cap=self.energy_cap).items():
-                values[f"val/{metric}/{seq}"] = value
+                values[f"{self.split}/{metric}/{seq}"] = value
                 per_metric.setdefault(metric, []).append(value)
         for metric, vs in per_metric.items():
             finite = [v for v in vs if math.isfinite(v)]
-            values[f"val/{metric}"] = sum(finite) / len(finite) if finite else math.nan
+            values[f"{self.split}/{metric}"] = sum(finite) / len(finite) if finite else math.nan
         return values
 
     def _reference(self, seq: str, frames: torch.Tensor, pl_module: L.LightningModule) -> Reference:

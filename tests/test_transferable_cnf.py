@@ -1,6 +1,7 @@
 """TransferableCNF: one EGNN field for many peptides; each bound molecule is exactly the single-molecule CNF
 with the same weights; `bg fit` on two peptides, `bg predict --data.sequence` of a third it never saw."""
 
+import csv
 import math
 from pathlib import Path
 
@@ -67,8 +68,12 @@ def fitted(tmp_path_factory, tiny_peptide_set):
     """`bg fit --config configs/peptides_cnf.yaml` shrunk: 4 steps on G and A."""
     cache, spec, _ = tiny_peptide_set
     tmp_path = tmp_path_factory.mktemp("transfer")
-    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, logger=False,
-                   callbacks=[dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1,
+                   logger=dict(class_path="lightning.pytorch.loggers.CSVLogger",
+                               init_args=dict(save_dir=str(tmp_path / "logs"), name="", version="run")),
+                   callbacks=[dict(class_path="callbacks.MoleculeEvaluation",
+                                   init_args=dict(every_n_epochs=2, n_samples=4, split="test")),
+                              dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                                    init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
                               dict(class_path="callbacks.SampleWriter",
                                    init_args=dict(output_dir=str(tmp_path / "samples")))])
@@ -83,6 +88,10 @@ def fitted(tmp_path_factory, tiny_peptide_set):
 
 def test_fit_on_two_peptides_and_predict_a_third_it_never_saw(fitted, data):
     tmp_path, small = fitted
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "run" / "metrics.csv")))
+    logged = [r for r in rows if r.get("test/ess/S")]  # MoleculeEvaluation at the end of the last epoch only
+    assert len(logged) == 1 and 0 <= float(logged[0]["test/ess"]) <= 1
+    assert float(logged[0]["test/valid_rate/S"]) >= 0 and any(r.get("train/flow_matching") for r in rows)
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert stored["bg_peptides"]["train"] == ["G", "A"] and stored["bg_peptides"]["test"] == ["S"]
@@ -117,6 +126,7 @@ def test_molecule_evaluation_reports_every_held_out_peptide_and_their_mean(fitte
         datamodule, global_step, global_rank = data, 0, 0
 
     values = MoleculeEvaluation(n_samples=8, split="test").evaluate(Trainer(), model)
-    assert {"val/ess/S", "val/ess", "val/torsion_w2/S", "val/torsion_w2_reweighted/S", "val/basin_alpha_R/S"} <= set(values)
-    assert 0 <= values["val/ess"] <= 1 and values["val/ess"] == values["val/ess/S"]
+    assert {"test/ess/S", "test/ess", "test/torsion_w2/S", "test/torsion_w2_reweighted/S",
+            "test/basin_alpha_R/S"} <= set(values)
+    assert 0 <= values["test/ess"] <= 1 and values["test/ess"] == values["test/ess/S"]
     assert model.system.name == data.system("S").name
