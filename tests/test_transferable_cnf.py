@@ -78,7 +78,7 @@ def fitted(tmp_path_factory, tiny_peptide_set):
                               dict(class_path="callbacks.SampleWriter",
                                    init_args=dict(output_dir=str(tmp_path / "samples")))])
     loss = dict(stages=dict(fm=dict(weights={"flow_matching": 1.0}, epochs=2, lr=1e-3, lr_end=1e-4)))
-    model = dict(init_args=dict(hidden=8, layers=1, steps=3, sample_batch_size=5, predict_samples=10))
+    model = dict(init_args=dict(hidden=8, layers=1, solver="rk4", steps=3, sample_batch_size=5, predict_samples=10))
     data = dict(init_args=dict(peptide_set=str(spec), cache_dir=str(cache), batch_size=4, stride=1))
     small = tmp_path / "small.yaml"
     small.write_text(yaml.safe_dump(dict(trainer=trainer, loss=loss, model=model, data=data), sort_keys=False))
