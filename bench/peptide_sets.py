@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bg.systems.peptide_set import make_peptide_set, manifest_path, manifest_rows, read_spec  # noqa: E402
+from bg.systems.peptide_set import make_peptide_set, manifest_path, manifest_rows, peptide_name, read_spec  # noqa: E402
 
 
 def table(manifest: dict) -> str:
@@ -30,7 +30,7 @@ def table(manifest: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for split, seq, e in manifest_rows(manifest):
         if e is None:
-            rows.append(f"| {split} | ace-{seq.lower()}-nme | – | not made yet | – | – | – |")
+            rows.append(f"| {split} | {peptide_name(seq)} | – | not made yet | – | – | – |")
             continue
         rows.append(f"| {split} | {e['name']} | {e['n_atoms']} | {e['frames']} | {e['statistical_inefficiency']:.1f} "
                     f"| {e['effective_frames']:.0f} | {e['seconds']:.0f} |")

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 
 from bg.choices import check_choices
 from bg.quiet import quiet_c_output
-from bg.systems import MDSettings, MolecularSystem, get_system, load_md
+from bg.systems import MDSettings, MolecularSystem, load_md, molecule_system
+from bg.systems.builtin import STRUCTURE_SUFFIXES
 from bg.systems.peptide_set import SPLITS, make_peptide_set, manifest_path, read_spec
 from datamodules.loaders import ResumableLoader, ResumableDataModule, distributed_sampler
 
@@ -163,8 +164,7 @@ class PeptideSetDataModule(ResumableDataModule):
             if (folder / "system.json").exists():
                 self._systems[seq] = MolecularSystem.load(folder)
             else:
-                self._systems[seq] = get_system(f"peptide:{seq}", temperature=self.spec.temperature,
-                                                forcefield=self.spec.forcefield)
+                self._systems[seq] = molecule_system(seq, self.spec.temperature, self.spec.forcefield)
         return self._systems[seq]
 
     @property
@@ -186,9 +186,9 @@ class PeptideSetDataModule(ResumableDataModule):
             raise ValueError("bg predict of a transferable generator needs the molecule: --data.sequence SEQ (one-letter "
                              f"codes, capped with Ace/Nme) or a PDB file; this set's test peptides: "
                              f"{', '.join(self.split['test']) or 'none'}")
-        if Path(self.sequence).suffix.lower() in {".pdb", ".cif", ".mmcif"}:
-            return get_system(self.sequence, temperature=self.spec.temperature, forcefield=self.spec.forcefield)
-        return self.system(self.sequence)
+        if Path(self.sequence).suffix.lower() in STRUCTURE_SUFFIXES:
+            return molecule_system(self.sequence, self.spec.temperature, self.spec.forcefield)
+        return self.system(self.sequence)  # a sequence of the set keeps the system its MD ran with
 
     def _predicting(self) -> bool:
         return self.trainer is not None and self.trainer.state.fn == "predict"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from bg.coordinates import CartesianCoordinates, centred
 from bg.energy import LazyTargetEnergy
 from bg.flows import EGNN, CartesianDensity, ContinuousFlow
 from bg.models.cnf import EquivariantCNF
-from bg.systems import MolecularSystem, get_system
+from bg.systems import MolecularSystem, molecule_system
 from bg.systems.encodings import ENCODING_VOCAB, Encoding, atom_tokens, identical_atom_groups
 from bg.systems.hygiene import FrameChecks
 
@@ -58,10 +57,9 @@ class TransferableCNF(EquivariantCNF):
     def __init__(self, hidden: int = 64, layers: int = 4, coord_hidden: bool = False, encoding: Encoding = "full",
                  **kwargs: Any):
         super().__init__(hidden=hidden, layers=layers, coord_hidden=coord_hidden, encoding=encoding, **kwargs)
-        hp = self.hparams
         self.field = EGNN(None, ENCODING_VOCAB[encoding], hidden=hidden, layers=layers, coord_hidden=coord_hidden)
         # NaN until fitted to the training peptides (or loaded from a checkpoint)
-        self.register_buffer("global_scale", torch.tensor(hp.scale or math.nan, dtype=torch.float64))
+        self.register_buffer("global_scale", torch.tensor(self.hparams.scale or math.nan, dtype=torch.float64))
         #: the peptides the model trains on and the force field and temperature of new ones (``bg_peptides``)
         self.peptides: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
@@ -99,7 +97,9 @@ class TransferableCNF(EquivariantCNF):
         """Make ``molecule`` (a ``MolecularSystem``, a one-letter peptide sequence — capped with Ace/Nme and
         built in the training set's force field — or a PDB path) the one ``sample``, ``log_prob``, ``energy``
         and ``predict`` work on. Returns the model."""
-        system = self._resolve(molecule) if isinstance(molecule, str) else molecule
+        if isinstance(molecule, str):
+            molecule = molecule_system(molecule, self.peptides.get("temperature", 300.0), self.peptides.get("forcefield"))
+        system = molecule
         if not torch.isfinite(self.global_scale):
             raise RuntimeError("TransferableCNF: the scale is not fitted (train it, or load a checkpoint) before bind()")
         key = system.name
@@ -118,12 +118,6 @@ class TransferableCNF(EquivariantCNF):
         self._bound = self._bindings[key]
         self.system, self.target = self._bound.system, self._bound.target
         return self
-
-    def _resolve(self, molecule: str) -> MolecularSystem:
-        ff, temperature = self.peptides.get("forcefield"), self.peptides.get("temperature", 300.0)
-        if Path(molecule).suffix.lower() in {".pdb", ".cif", ".mmcif"} or Path(molecule).is_dir():
-            return get_system(molecule, temperature=temperature, forcefield=ff)
-        return get_system(f"peptide:{molecule.upper()}", temperature=temperature, forcefield=ff)
 
     def _apply(self, fn, *args, **kwargs):
         # moving the model replaces the scale buffer: bindings (which share it) are rebuilt on next use

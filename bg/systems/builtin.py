@@ -8,6 +8,9 @@ from bg.systems.peptide import build_capped_peptide
 from bg.systems.protein import load_pdb
 from bg.systems.system import MolecularSystem
 
+#: file suffixes ``get_system`` reads as structures
+STRUCTURE_SUFFIXES = (".pdb", ".cif", ".mmcif")
+
 BUILTIN_SYSTEMS = {
     "aldp": "alanine dipeptide ACE-ALA-NME (22 atoms), amber99sbildn + amber99_obc, 300 K, no constraints, no cutoff",
 }
@@ -35,9 +38,18 @@ def get_system(spec: str, temperature: float = 300.0, forcefield: str | None = N
     path = Path(spec)
     if path.is_dir() and (path / "system.json").exists():
         return MolecularSystem.load(path)
-    if path.suffix.lower() in {".pdb", ".cif", ".mmcif"}:
+    if path.suffix.lower() in STRUCTURE_SUFFIXES:
         return load_pdb(path, forcefield=forcefield or "amber14-obc2", temperature=temperature)
     raise ValueError(
         f"unknown system {spec!r}: use one of {sorted(BUILTIN_SYSTEMS)}, 'peptide:<one-letter sequence>', "
         "a .pdb/.cif file, or a directory written by MolecularSystem.save"
     )
+
+
+def molecule_system(molecule: str, temperature: float = 300.0, forcefield: str | None = None) -> MolecularSystem:
+    """A structure file (``.pdb``/``.cif``), a directory written by ``MolecularSystem.save``, or else a one-letter
+    peptide sequence, capped with Ace/Nme (what a transferable generator is asked to sample)."""
+    path = Path(molecule)
+    if path.suffix.lower() in STRUCTURE_SUFFIXES or path.is_dir():
+        return get_system(molecule, temperature=temperature, forcefield=forcefield)
+    return get_system(f"peptide:{molecule.upper()}", temperature=temperature, forcefield=forcefield)
