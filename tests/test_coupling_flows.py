@@ -19,7 +19,7 @@ def make_flow(ic, z, kind: str, seed: int = 0) -> SplitChannelFlow:
     low, high = lo - margin, hi + margin
     kinds = ic.is_angle.long() + 2 * ic.is_torsion.long()
 
-    def conditioner(n_params: int):
+    def conditioner(n_params: int, slot: int):
         if kind == "mlp":
             return MLPConditioner(ic.dim, n_params, hidden=64, depth=1)
         return GAUConditioner(kinds, ic.residue_index, n_params, width=32, depth=1, attention_dim=16)
@@ -133,7 +133,7 @@ def test_shuffled_masks_partition_each_pair_differently(aldp_z):
     ic, z = aldp_z
     kinds = ic.is_angle.long() + 2 * ic.is_torsion.long()
     flow = SplitChannelFlow(ic.is_backbone, ic.is_torsion, z.min(0).values - 0.1, z.max(0).values + 0.1,
-                            lambda n: MLPConditioner(ic.dim, n, hidden=16, depth=1), backbone_layers=6,
+                            lambda n, slot: MLPConditioner(ic.dim, n, hidden=16, depth=1), backbone_layers=6,
                             sidechain_layers=2, bins=4, masks="shuffled").double()
     backbone = [layer for layer in flow.layers if (layer.transform & ic.is_backbone).any()]
     pairs = [(a.transform, b.transform) for a, b in zip(backbone[0::2], backbone[1::2])]
@@ -142,7 +142,7 @@ def test_shuffled_masks_partition_each_pair_differently(aldp_z):
     assert len({tuple(a.tolist()) for a, _ in pairs}) == len(pairs)  # a fresh split per pair
     # the same split on every construction (a checkpoint rebuilds the same flow)
     again = SplitChannelFlow(ic.is_backbone, ic.is_torsion, z.min(0).values - 0.1, z.max(0).values + 0.1,
-                             lambda n: MLPConditioner(ic.dim, n, hidden=16, depth=1), backbone_layers=6,
+                             lambda n, slot: MLPConditioner(ic.dim, n, hidden=16, depth=1), backbone_layers=6,
                              sidechain_layers=2, bins=4, masks="shuffled")
     assert all(torch.equal(a.transform, b.transform) for a, b in zip(flow.layers, again.layers))
     randomize(flow)

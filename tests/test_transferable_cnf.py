@@ -59,7 +59,7 @@ def test_an_unfitted_model_refuses_to_bind_and_mixed_batches_are_refused(data):
     model.fit_scale(data.positions["train"])
     model.bind(data.system("G"))
     with pytest.raises(ValueError, match="batch_mode must be 'molecule'"):
-        model._batch({"x": torch.zeros(2, 5, 3), "mask": torch.ones(2, 5, dtype=torch.bool),
+        model.molecule_batch({"x": torch.zeros(2, 5, 3), "mask": torch.ones(2, 5, dtype=torch.bool),
                       "molecule": torch.zeros(2, dtype=torch.long)})
 
 

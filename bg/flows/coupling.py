@@ -86,7 +86,10 @@ class SplitChannelFlow(nn.Module):
     Args:
         backbone: ``(D,)`` True for backbone coordinates.
         circular, low, high: as in :class:`SplineCoupling`.
-        make_conditioner: ``n_params -> nn.Module`` building a fresh conditioner per coupling.
+        make_conditioner: ``(n_params, slot) -> nn.Module`` building the conditioner of a coupling; ``slot`` is
+            the coupling's place in the nominal stack (backbone couplings 0 … backbone_layers − 1, then the
+            side-chain ones), the same for every molecule even where a channel is empty or too small to split
+            (a transferable flow shares one conditioner per slot across molecules).
         backbone_layers, sidechain_layers: couplings per channel (even numbers transform each half).
         bins: spline bins.
         masks: ``"interleaved"``: every pair of couplings splits the channel the same way (alternate
@@ -97,14 +100,15 @@ class SplitChannelFlow(nn.Module):
     """
 
     def __init__(self, backbone: Tensor, circular: Tensor, low: Tensor, high: Tensor,
-                 make_conditioner: Callable[[int], nn.Module], backbone_layers: int = 4, sidechain_layers: int = 4,
+                 make_conditioner: Callable[[int, int], nn.Module], backbone_layers: int = 4, sidechain_layers: int = 4,
                  bins: int = 8, masks: CouplingMasks = "interleaved"):
         super().__init__()
         check_choices(SplitChannelFlow.__init__, dict(masks=masks))
         backbone = backbone.bool()
         layers = []
-        for channel, n_layers, visible in ((backbone, backbone_layers, backbone),
-                                           (~backbone, sidechain_layers, torch.ones_like(backbone))):
+        for first, channel, n_layers, visible in ((0, backbone, backbone_layers, backbone),
+                                                  (backbone_layers, ~backbone, sidechain_layers,
+                                                   torch.ones_like(backbone))):
             idx = torch.nonzero(channel).flatten()
             if len(idx) == 0:
                 continue
@@ -119,7 +123,7 @@ class SplitChannelFlow(nn.Module):
                 if not t.any():
                     continue
                 cond = visible & ~t
-                layers.append(SplineCoupling(t, cond, circular, low, high, make_conditioner(3 * bins + 1), bins))
+                layers.append(SplineCoupling(t, cond, circular, low, high, make_conditioner(3 * bins + 1, first + i), bins))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -82,23 +82,47 @@ class InternalFlow(Flow):
         narrow = torsion & (wrap_angle(z - centre).abs().max(0).values < math.pi / 4)
         if self.narrow_torsions == "circular":
             narrow = torch.zeros_like(narrow)
-        self.recentred.copy_(narrow)
-        self.centre.copy_(torch.where(narrow, centre, 0.0))
+        self._set_recentred(narrow, centre)
         z = self._recentre(z)
         lo, hi = z.min(0).values, z.max(0).values
         margin = self.bound_margin * (hi - lo) + 1e-4
+        self._set_intervals(lo - margin, hi + margin)
+        self.base.fit(z)
+        return self
+
+    @torch.no_grad()
+    def fit_geometry(self, centre: Tensor, sigma: Tensor, rotatable: Tensor, width: float = 8.0) -> "InternalFlow":
+        """Intervals and base from a molecule's harmonic geometry instead of data (``bg.coordinates.harmonic``):
+        every coordinate but the ``rotatable`` torsions ``(D,)`` lives on ``centre`` ± ``width`` ``sigma``
+        (non-rotatable torsions recentred on ``centre``), with a normal base of that centre and σ truncated to
+        it; rotatable torsions stay on the circle."""
+        torsion = self.kinds == TORSION
+        narrow = torsion & ~rotatable.to(torsion.device)
+        self._set_recentred(narrow, centre)
+        centre = torch.where(narrow, 0.0, centre.to(self.centre))
+        half = width * sigma.to(self.centre).nan_to_num(0.0)
+        self._set_intervals(centre - half, centre + half)
+        self.base.loc.copy_(torch.where(self.base.circular, 0.0, centre))
+        self.base.scale.copy_(torch.where(self.base.circular, 1e-3, sigma.to(self.centre).nan_to_num(1.0)))
+        return self
+
+    def _set_recentred(self, narrow: Tensor, centre: Tensor) -> None:
+        self.recentred.copy_(narrow)
+        self.centre.copy_(torch.where(narrow, centre.to(self.centre), 0.0))
+
+    def _set_intervals(self, low: Tensor, high: Tensor) -> None:
+        """Intervals of the bounded coordinates, clipped: bonds positive, angles inside (0, π), recentred
+        torsions inside [−π, π]; circular torsions get [−π, π]."""
+        torsion, narrow = self.kinds == TORSION, self.recentred
         angle, circular = self.kinds == ANGLE, torsion & ~narrow
-        # bonds stay positive, angles inside (0, π), recentred torsions inside [−π, π]
         floor = torch.where(narrow, -math.pi, 1e-3)
         ceiling = torch.where(angle, math.pi - 1e-3, torch.where(narrow, math.pi, math.inf))
-        low = torch.where(circular, -math.pi, torch.maximum(lo - margin, floor.to(lo.dtype)))
-        high = torch.where(circular, math.pi, torch.minimum(hi + margin, ceiling.to(hi.dtype)))
+        low = torch.where(circular, -math.pi, torch.maximum(low, floor.to(low.dtype)))
+        high = torch.where(circular, math.pi, torch.minimum(high, ceiling.to(high.dtype)))
         for module in [self.base, *(m for m in self.modules() if isinstance(m, SplineCoupling))]:
             module.low.copy_(low)
             module.high.copy_(high)
             module.circular.copy_(circular)
-        self.base.fit(z)
-        return self
 
     def log_prob(self, z: Tensor, context: Any = None) -> Tensor:
         """``(B, D)`` → ``(B,)`` log density of the internal coordinates."""
@@ -158,7 +182,7 @@ def neural_spline_flow(
     low = torch.where(circular, -math.pi, torch.zeros(d, dtype=torch.float64))
     high = torch.where(circular, math.pi, torch.ones(d, dtype=torch.float64))
 
-    def make(n_params: int) -> nn.Module:
+    def make(n_params: int, slot: int) -> nn.Module:
         if conditioner == "mlp":
             return MLPConditioner(d, n_params, hidden=width, depth=depth)
         return GAUConditioner(kinds, residues, n_params, width=width, depth=depth, attention_dim=attention_dim,

@@ -5,5 +5,7 @@ from bg.models.cnf import EquivariantCNF
 from bg.models.nsf import SplitChannelNSF
 from bg.models.tarflow import TarFlowGenerator
 from bg.models.transferable_cnf import TransferableCNF
+from bg.models.transferable_nsf import TransferableNSF
 
-__all__ = ["BoltzmannGenerator", "EquivariantCNF", "SplitChannelNSF", "TarFlowGenerator", "TransferableCNF"]
+__all__ = ["BoltzmannGenerator", "EquivariantCNF", "SplitChannelNSF", "TarFlowGenerator", "TransferableCNF",
+           "TransferableNSF"]

@@ -1,0 +1,185 @@
+"""A split-channel neural spline flow over internal coordinates that accepts any molecule.
+
+The single-molecule NSF (``neural_spline_flow``) has conditioners whose inputs are a fixed list of
+coordinates; this one has conditioners over **atom tokens**: every atom placed by the Z-matrix owns up to
+three coordinates (its bond, angle and torsion), and its token carries their values together with what
+the atom is — residue type, the names of the atom and of its three reference atoms, element, number of
+bonds, and what kind of torsion places it (rotatable, relative to a sibling, planar or ring). Gated
+attention units (rotary positions over the residue index) mix the tokens; each token emits the spline
+parameters of its own coordinates. No weight depends on the number or order of atoms, so one set of
+conditioners (one per coupling slot) serves every molecule.
+
+What does depend on the molecule — the coupling masks (backbone channel, then side chains; halves
+interleaved by index), the spline intervals and the base — is made by :meth:`TransferableSplineFlow.bind`
+from the molecule's internal coordinates and its harmonic geometry (``bg.coordinates.harmonic``): no MD
+of the molecule is needed, so a peptide never seen in training gets a flow at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bg.coordinates import InternalCoordinates
+from bg.coordinates.harmonic import HarmonicGeometry, bond_graph
+from bg.flows.conditioners import GatedAttentionUnit
+from bg.flows.coupling import CouplingMasks, SplitChannelFlow
+from bg.flows.distributions import CoordinateBase
+from bg.flows.nsf import TORSION, InternalFlow
+from bg.systems.encodings import ENCODING_VOCAB, atom_tokens
+
+_NAMES = ENCODING_VOCAB["full"][1]  # atom-name tokens (a hydrogen named after its heavy atom); + 1: "no atom"
+_RESIDUES = ENCODING_VOCAB["full"][0]
+#: vocabulary of each identity field of an atom token: residue type, names of the atom and of its three
+#: reference atoms, element, number of bonds, torsion class (0 none, 1 rotatable, 2 sibling, 3 planar/ring)
+FIELD_VOCAB = (_RESIDUES, _NAMES + 1, _NAMES + 1, _NAMES + 1, _NAMES + 1, 119, 8, 4)
+SLOTS = 3  # bond, angle, torsion of one placed atom
+
+
+@dataclass
+class AtomTokenLayout:
+    """How a molecule's ``D`` free internal coordinates map onto ``T`` atom tokens.
+
+    ``cell`` ``(D,)``: flat index token × 3 + slot (0 bond, 1 angle, 2 torsion) of each coordinate;
+    ``identity`` ``(T, len(FIELD_VOCAB))`` the token fields; ``positions`` ``(T,)`` residue index (rotary).
+    """
+
+    cell: Tensor
+    identity: Tensor
+    positions: Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+
+def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) -> AtomTokenLayout:
+    """The layout of ``representation`` (``rotatable``: ``(D,)`` rotatable torsions, see ``bg.coordinates.harmonic``)."""
+    topology = representation.topology
+    tokens = atom_tokens(topology, "full")
+    neighbours = bond_graph(topology)
+    rows = representation.coordinate_table()
+    placed = sorted({row["atom_indices"][0] for row in rows}, key=lambda a: representation.zmatrix.order.tolist().index(a))
+    token_of_atom = {a: t for t, a in enumerate(placed)}
+    identity = torch.zeros(len(placed), len(FIELD_VOCAB), dtype=torch.long)
+    atoms = list(topology.atoms)
+    for a, t in token_of_atom.items():
+        identity[t, 0] = tokens[a, 0]
+        identity[t, 1] = tokens[a, 1]
+        identity[t, 2:5] = _NAMES  # "no reference atom" until its coordinates say otherwise
+        identity[t, 5] = atoms[a].element.atomic_number if atoms[a].element is not None else 0
+        identity[t, 6] = min(len(neighbours[a]), 7)
+    cell = torch.empty(len(rows), dtype=torch.long)
+    slot = {"bond": 0, "angle": 1, "torsion": 2}
+    for row in rows:
+        a, *refs = row["atom_indices"]
+        t = token_of_atom[a]
+        cell[row["index"]] = t * SLOTS + slot[row["kind"]]
+        for k, r in enumerate(refs):
+            identity[t, 2 + k] = tokens[r, 1]
+        if row["kind"] == "torsion":
+            p, d = refs[0], refs[2]
+            identity[t, 7] = 1 if rotatable[row["index"]] else (2 if d in neighbours[p] else 3)
+    positions = torch.tensor([atoms[a].residue.index - atoms[0].residue.index for a in placed], dtype=torch.long)
+    return AtomTokenLayout(cell=cell, identity=identity, positions=positions)
+
+
+class AtomTokenConditioner(nn.Module):
+    """Spline parameters ``(B, D, n_params)`` from coordinate features ``(B, D, 3)`` (``coordinate_features``)
+    over atom tokens (see module docstring); the molecule comes as an :class:`AtomTokenLayout`.
+
+    Args:
+        n_params: parameters per coordinate.
+        width, depth, attention_dim: token width, GAU layers, GAU query/key width.
+    """
+
+    def __init__(self, n_params: int, width: int = 64, depth: int = 2, attention_dim: int = 32):
+        super().__init__()
+        self.n_params = n_params
+        self.identity = nn.ModuleList(nn.Embedding(v, width) for v in FIELD_VOCAB)
+        for table in self.identity:
+            nn.init.normal_(table.weight, std=1.0 / math.sqrt(len(FIELD_VOCAB)))
+        self.values = nn.Linear(SLOTS * 4, width)  # per slot: 3 features + "this slot is a free coordinate"
+        self.layers = nn.ModuleList(GatedAttentionUnit(width, s=attention_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, SLOTS * n_params)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: Tensor, cell: Tensor, identity: Tensor, positions: Tensor) -> Tensor:
+        b, t = features.shape[0], len(positions)
+        grid = features.new_zeros(b, t * SLOTS, 4)
+        grid[:, cell, :3] = features
+        grid[:, cell, 3] = 1.0
+        x = self.values(grid.view(b, t, SLOTS * 4))
+        x = x + sum(table(identity[:, k]) for k, table in enumerate(self.identity)).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, positions)
+        out = self.out(self.norm(x)).view(b, t * SLOTS, self.n_params)
+        return out[:, cell]
+
+
+class BoundConditioner(nn.Module):
+    """A shared :class:`AtomTokenConditioner` with one molecule's layout: the ``features -> params`` module a
+    ``SplineCoupling`` takes."""
+
+    def __init__(self, shared: AtomTokenConditioner, layout: AtomTokenLayout):
+        super().__init__()
+        self.shared = shared
+        self.register_buffer("cell", layout.cell, persistent=False)
+        self.register_buffer("identity", layout.identity, persistent=False)
+        self.register_buffer("positions", layout.positions, persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.shared(features, self.cell, self.identity, self.positions)
+
+
+class TransferableSplineFlow(nn.Module):
+    """The shared weights of a transferable NSF: one :class:`AtomTokenConditioner` per coupling slot.
+
+    Args:
+        split_channels: backbone couplings, then side-chain couplings conditioned on the backbone (Kim et al.
+            2024); ``False``: one channel of ``backbone_layers`` couplings.
+        backbone_layers, sidechain_layers: couplings per channel.
+        bins: spline bins.
+        width, depth, attention_dim: conditioner size.
+        coupling_masks: ``masks`` of ``SplitChannelFlow``.
+        interval_width: a non-rotatable coordinate's spline interval is its harmonic centre ± this many σ.
+    """
+
+    def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
+                 width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
+                 interval_width: float = 8.0):
+        super().__init__()
+        self.split_channels = split_channels
+        self.backbone_layers, self.sidechain_layers = backbone_layers, sidechain_layers if split_channels else 0
+        self.bins, self.coupling_masks, self.interval_width = bins, coupling_masks, interval_width
+        self.conditioners = nn.ModuleList(
+            AtomTokenConditioner(3 * bins + 1, width=width, depth=depth, attention_dim=attention_dim)
+            for _ in range(self.backbone_layers + self.sidechain_layers))
+
+    def bind(self, representation: InternalCoordinates, geometry: HarmonicGeometry) -> InternalFlow:
+        """The flow of one molecule over its free internal coordinates ``(B, D)``: couplings that share this
+        module's conditioners, intervals and base from ``geometry``."""
+        kinds = representation.is_angle.long() + 2 * representation.is_torsion.long()
+        layout = atom_token_layout(representation, geometry.rotatable)
+        d, circular = len(kinds), kinds == TORSION
+        low = torch.where(circular, -math.pi, torch.zeros(d, dtype=torch.float64))
+        high = torch.where(circular, math.pi, torch.ones(d, dtype=torch.float64))
+        channels = representation.is_backbone.bool().cpu() if self.split_channels else torch.ones(d, dtype=torch.bool)
+        transform = SplitChannelFlow(channels, circular, low, high,
+                                     lambda n, slot: BoundConditioner(self.conditioners[slot], layout),
+                                     backbone_layers=self.backbone_layers, sidechain_layers=self.sidechain_layers,
+                                     bins=self.bins, masks=self.coupling_masks)
+        base = CoordinateBase(circular, low, high, bounded="truncated_normal", torsion="uniform")
+        flow = InternalFlow(transform, base, kinds)
+        flow.fit_geometry(geometry.centre, geometry.sigma, geometry.rotatable, self.interval_width)
+        parameter = next(self.parameters())
+        return flow.to(device=parameter.device)
+
+
+__all__ = ["AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "FIELD_VOCAB",
+           "TransferableSplineFlow", "atom_token_layout"]
