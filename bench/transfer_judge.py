@@ -42,16 +42,20 @@ def logq_error(model, k: int, seed: int) -> float:
 
 
 def judge_peptide(model, dm: PeptideSetDataModule, seq: str, frames: torch.Tensor, n: int, energy: str,
-                  seed: int, max_reference: int, logq_check: int) -> dict:
+                  seed: int, max_reference: int, logq_check: int, repeats: int = 1) -> dict:
     system = dm.system(seq)
     model.bind(system)
     u = model.energy if energy == "torch" else target_energy(system, backend="openmm", n_workers=0)
     t = time.time()
     ref = Reference.from_frames(frames.double(), system.topology, u, max_reference)
-    torch.manual_seed(seed)
-    samples = model.proposal.weigh(n, u)
-    seconds = time.time() - t
-    values = compute(sample_metrics(ref, samples))
+    draws = []
+    for r in range(repeats):  # independent draws: the spread of the ESS estimate
+        torch.manual_seed(seed + 1000 * r)
+        draws.append(compute(sample_metrics(ref, model.proposal.weigh(n, u))))
+    seconds = (time.time() - t) / repeats
+    values = draws[0]
+    ess = [d["ess"] for d in draws]
+    values.update(ess=sum(ess) / repeats, ess_min=min(ess), ess_max=max(ess), repeats=repeats)
     values["basins_md"] = basin_populations(ref.phi[:, 0], ref.psi[:, 0]) if ref.phi.shape[1] == 1 else {}
     values["logq_error"] = logq_error(model, logq_check, seed + 1) if logq_check else float("nan")
     values.update(sequence=seq, split=dm.split_of(dm.molecule_index(seq)), n_atoms=system.n_atoms,
@@ -63,9 +67,23 @@ def row(v: dict) -> str:
     basins = " / ".join(
         f"{v.get(f'basin_{b}', float('nan')):.2f}·{v.get(f'basin_{b}_reweighted', float('nan')):.2f}·"
         f"{v['basins_md'].get(b, float('nan')):.2f}" for b in BASINS[:3])
-    return (f"| Ace-{v['sequence']}-Nme | {v['split']} | {v['n_atoms']} | {v['ess']:.4f} | {v.get('valid_rate', 1.0):.2f} | "
+    ess = f"{v['ess']:.4f}" + (f" ({v['ess_min']:.4f}–{v['ess_max']:.4f})" if v["repeats"] > 1 else "")
+    return (f"| Ace-{v['sequence']}-Nme | {v['split']} | {v['n_atoms']} | {ess} | {v.get('valid_rate', 1.0):.2f} | "
             f"{v['torsion_w2']:.3f} | {v['torsion_w2_reweighted']:.3f} | {v['energy_w2']:.1f} | {basins} | "
             f"{v['logq_error']:.1e} | {v['seconds']:.0f} |")
+
+
+#: the options that say what a generator is, per family (those it has)
+DESCRIBED = ("hidden", "layers", "encoding", "solver", "backbone_layers", "sidechain_layers", "width", "depth", "bins",
+             "interval_width")
+
+
+def describe(model) -> str:
+    hp = model.hparams
+    options = ", ".join(f"{k} {hp[k]}" for k in DESCRIBED if k in hp)
+    if hp.get("solver") in ("euler", "midpoint", "rk4"):
+        options += f" ({hp.steps} steps)"
+    return f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; {options})"
 
 
 def main() -> None:
@@ -80,6 +98,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1, help="every n-th MD frame as the reference")
     ap.add_argument("--max-reference", type=int, default=2000)
     ap.add_argument("--logq-check", type=int, default=0, help="samples per peptide whose log q is re-solved by dopri5")
+    ap.add_argument("--repeats", type=int, default=1, help="independent draws per peptide (ESS: mean, min–max)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=None)
@@ -96,18 +115,19 @@ def main() -> None:
         key = dm.split_of(dm.molecule_index(seq))
         frames = dm.positions[key][dm.split[key].index(seq)]
         rows.append(judge_peptide(model, dm, seq, frames, args.samples, args.energy, args.seed, args.max_reference,
-                                  args.logq_check))
+                                  args.logq_check, args.repeats))
         print(row(rows[-1]), flush=True)
     hp = model.hparams
     cmd = (f"python bench/transfer_judge.py --checkpoint {args.checkpoint} --peptide-set {args.peptide_set} "
-           f"--splits {args.splits} --samples {args.samples} --energy {args.energy} --logq-check {args.logq_check}"
+           f"--splits {args.splits} --samples {args.samples} --repeats {args.repeats} --energy {args.energy} "
+           f"--logq-check {args.logq_check}"
            + (f" --sequences {args.sequences}" if args.sequences else ""))
     trained = model.peptides.get("train", [])
     lines = [f"Machine: {platform.node()} (2 CPU cores, no GPU), torch {torch.__version__}. Command: `{cmd}`", "",
-             f"Generator: {type(model).__name__} (hidden {hp.hidden}, {hp.layers} layers, encoding {hp.encoding}, "
-             f"solver {hp.solver}" + (f" {hp.steps} steps" if hp.solver in ('euler', 'midpoint', 'rk4') else "") +
-             f"), trained on {len(trained)} peptides ({''.join(trained)}). Energies: {args.energy}; "
-             f"{args.samples} samples per peptide; reference: the peptide's MD (every {args.stride}. frame).", ""]
+             f"Generator: {describe(model)}, trained on {len(trained)} peptides ({''.join(trained)}). "
+             f"Energies: {args.energy}; {args.samples} samples per peptide" +
+             (f", {args.repeats} independent draws (ESS/n: mean (min–max); the other columns: the first draw)"
+              if args.repeats > 1 else "") + f"; reference: the peptide's MD (every {args.stride}. frame).", ""]
     if args.note:
         lines += [args.note, ""]
     lines += ["| peptide | split | atoms | ESS/n | kept | φ/ψ W2 raw | φ/ψ W2 reweighted | energy W2 (kT) | basins "

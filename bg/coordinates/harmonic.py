@@ -11,7 +11,8 @@ This module takes them from its force field:
 - every other coordinate (bonds, angles, dihedrals relative to a sibling atom, planar and ring torsions)
   fluctuates about the energy minimum: :func:`harmonic_geometry` minimises the template structure, takes
   the Hessian H of u (kT) over these coordinates at the minimum (the rotatable torsions held there) and
-  returns the centre z₀ and the marginal standard deviations σ = √diag(H⁻¹) of exp(−½ δzᵀ H δz).
+  returns the centre z₀, the covariance H⁻¹ of exp(−½ δzᵀ H δz) and its marginal standard deviations
+  σ = √diag(H⁻¹).
 
 On alanine dipeptide (amber99sbildn + OBC, 300 K) the σ agree with 10 ns of MD to within 6 % for every
 bond, angle and non-rotatable torsion, and the rule picks exactly φ, ψ and the three methyl rotors.
@@ -34,11 +35,13 @@ from bg.coordinates.geometry import wrap_angle
 @dataclass
 class HarmonicGeometry:
     """Per free coordinate ``(D,)``: ``centre`` (nm, rad; the minimum), ``sigma`` (harmonic marginal standard
-    deviation; NaN for rotatable torsions) and ``rotatable`` (True for rotatable torsions)."""
+    deviation; NaN for rotatable torsions) and ``rotatable`` (True for rotatable torsions); ``covariance``
+    ``(S, S)``: H⁻¹ over the S stiff (non-rotatable) coordinates, in their order in ``z``."""
 
     centre: Tensor
     sigma: Tensor
     rotatable: Tensor
+    covariance: Tensor
 
 
 def bond_graph(topology: md.Topology) -> list[set[int]]:
@@ -110,4 +113,4 @@ def harmonic_geometry(representation: InternalCoordinates, energy: Callable[[Ten
     sigma = torch.full_like(centre, float("nan"))
     sigma[stiff] = covariance.diagonal().sqrt()
     centre = torch.where(representation.is_torsion, wrap_angle(centre), centre)
-    return HarmonicGeometry(centre=centre, sigma=sigma, rotatable=rotatable)
+    return HarmonicGeometry(centre=centre, sigma=sigma, rotatable=rotatable, covariance=covariance)

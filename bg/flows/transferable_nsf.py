@@ -12,19 +12,33 @@ conditioners (one per coupling slot) serves every molecule.
 What does depend on the molecule — the coupling masks (backbone channel, then side chains; halves
 interleaved by index), the spline intervals and the base — is made by :meth:`TransferableSplineFlow.bind`
 from the molecule's internal coordinates and its harmonic geometry (``bg.coordinates.harmonic``): no MD
-of the molecule is needed, so a peptide never seen in training gets a flow at once.
+of the molecule is needed, so a peptide never seen in training gets a flow at once. Two ways to use the
+geometry (``harmonic``):
+
+- ``"correlated"`` (default): :class:`HarmonicWhitening` first maps the stiff coordinates (bonds, angles,
+  non-rotatable torsions) to w = L⁻¹(z − z₀), L Lᵀ = H⁻¹, which is standard normal under the harmonic
+  approximation *with its correlations* (the angles about one atom, a bond and its angles); the couplings
+  then learn the departures from it. On the MD of Ace-A-Nme and Ace-Y-Nme the correlated Gaussian has 2.6 and
+  7.2 nats per frame more log-likelihood than the independent one, within 0.7–1.7 nats of a Gaussian fitted
+  to the MD itself.
+- ``"independent"``: each stiff coordinate on its own centre ± ``interval_width`` σ with a truncated-normal
+  base (non-rotatable torsions recentred); correlations are left to the couplings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from bg.coordinates import InternalCoordinates
 from bg.coordinates.harmonic import HarmonicGeometry, bond_graph
+from bg.choices import check_choices
+from bg.coordinates.geometry import wrap_angle
+from bg.flows.chain import run_chain
 from bg.flows.conditioners import GatedAttentionUnit
 from bg.flows.coupling import CouplingMasks, SplitChannelFlow
 from bg.flows.distributions import CoordinateBase
@@ -37,6 +51,7 @@ _RESIDUES = ENCODING_VOCAB["full"][0]
 #: reference atoms, element, number of bonds, torsion class (0 none, 1 rotatable, 2 sibling, 3 planar/ring)
 FIELD_VOCAB = (_RESIDUES, _NAMES + 1, _NAMES + 1, _NAMES + 1, _NAMES + 1, 119, 8, 4)
 SLOTS = 3  # bond, angle, torsion of one placed atom
+Harmonic = Literal["correlated", "independent"]
 
 
 @dataclass
@@ -137,6 +152,53 @@ class BoundConditioner(nn.Module):
         return self.shared(features, self.cell, self.identity, self.positions)
 
 
+class HarmonicWhitening(nn.Module):
+    """z ``(B, D)`` → w: the stiff coordinates whitened by the harmonic covariance, w = L⁻¹(z − z₀) with
+    L Lᵀ = H⁻¹ (torsion deviations wrapped to [−π, π) first), the rotatable torsions unchanged. A linear map
+    per molecule: log|det ∂w/∂z| = −Σ log diag L. ``forward``/``inverse`` return ``(output, log|det|)``.
+
+    The inverse wraps the stiff torsions back onto the circle; it inverts the forward map wherever |(L w)ᵢ| < π
+    for those torsions, i.e. beyond ten of their σ (≤ 0.3 rad) — the base puts no measurable mass there."""
+
+    def __init__(self, geometry: HarmonicGeometry, torsion: Tensor):
+        super().__init__()
+        stiff = ~geometry.rotatable
+        self.register_buffer("stiff", stiff)
+        self.register_buffer("centre", geometry.centre[stiff].double())
+        self.register_buffer("torsion", torsion[stiff].bool())
+        self.register_buffer("cholesky", torch.linalg.cholesky(geometry.covariance.double()))
+        self.log_det = float(torch.log(self.cholesky.diagonal()).sum())
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        d = z[:, self.stiff] - self.centre.to(z.dtype)
+        d = torch.where(self.torsion, wrap_angle(d), d)
+        w = torch.linalg.solve_triangular(self.cholesky.to(z.dtype), d.T, upper=False).T
+        out = z.clone()
+        out[:, self.stiff] = w
+        return out, z.new_full((len(z),), -self.log_det)
+
+    def inverse(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        d = w[:, self.stiff] @ self.cholesky.to(w.dtype).T
+        z = d + self.centre.to(w.dtype)
+        out = w.clone()
+        out[:, self.stiff] = torch.where(self.torsion, wrap_angle(z), z)
+        return out, w.new_full((len(w),), self.log_det)
+
+
+class Stack(nn.Module):
+    """Bijections applied in order; ``forward``/``inverse`` return ``(output, summed log|det|)``."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return run_chain(self.layers, z)
+
+    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return run_chain(self.layers, u, inverse=True)
+
+
 class TransferableSplineFlow(nn.Module):
     """The shared weights of a transferable NSF: one :class:`AtomTokenConditioner` per coupling slot.
 
@@ -147,13 +209,17 @@ class TransferableSplineFlow(nn.Module):
         bins: spline bins.
         width, depth, attention_dim: conditioner size.
         coupling_masks: ``masks`` of ``SplitChannelFlow``.
-        interval_width: a non-rotatable coordinate's spline interval is its harmonic centre ± this many σ.
+        interval_width: a stiff coordinate's spline interval: ± this many (whitened) standard deviations.
+        harmonic: ``"correlated"`` (whiten the stiff coordinates by the harmonic covariance) or
+            ``"independent"`` (see module docstring).
     """
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
-                 interval_width: float = 8.0):
+                 interval_width: float = 8.0, harmonic: Harmonic = "correlated"):
         super().__init__()
+        check_choices(TransferableSplineFlow.__init__, dict(harmonic=harmonic))
+        self.harmonic = harmonic
         self.split_channels = split_channels
         self.backbone_layers, self.sidechain_layers = backbone_layers, sidechain_layers if split_channels else 0
         self.bins, self.coupling_masks, self.interval_width = bins, coupling_masks, interval_width
@@ -175,11 +241,24 @@ class TransferableSplineFlow(nn.Module):
                                      backbone_layers=self.backbone_layers, sidechain_layers=self.sidechain_layers,
                                      bins=self.bins, masks=self.coupling_masks)
         base = CoordinateBase(circular, low, high, bounded="truncated_normal", torsion="uniform")
-        flow = InternalFlow(transform, base, kinds)
-        flow.fit_geometry(geometry.centre, geometry.sigma, geometry.rotatable, self.interval_width)
+        if self.harmonic == "independent":
+            flow = InternalFlow(transform, base, kinds)
+            flow.fit_geometry(geometry.centre, geometry.sigma, geometry.rotatable, self.interval_width)
+        else:
+            # the couplings and base act on w: stiff coordinates standard normal on ± interval_width, rotatable
+            # torsions on the circle
+            circular = geometry.rotatable.clone()
+            for module in [base, *transform.layers]:
+                module.circular.copy_(circular)
+                module.low.copy_(torch.where(circular, -math.pi, -self.interval_width))
+                module.high.copy_(torch.where(circular, math.pi, self.interval_width))
+            base.loc.zero_()
+            base.scale.copy_(torch.where(circular, 1e-3, 1.0))
+            flow = InternalFlow(Stack(HarmonicWhitening(geometry, kinds == TORSION), transform), base,
+                                kinds)
         parameter = next(self.parameters())
         return flow.to(device=parameter.device)
 
 
-__all__ = ["AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "FIELD_VOCAB",
+__all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "FIELD_VOCAB",
            "TransferableSplineFlow", "atom_token_layout"]

@@ -29,7 +29,7 @@ from bg.coordinates.harmonic import harmonic_geometry
 from bg.energy import target_energy
 from bg.flows import CartesianDensity
 from bg.flows.coupling import CouplingMasks
-from bg.flows.transferable_nsf import TransferableSplineFlow
+from bg.flows.transferable_nsf import Harmonic, TransferableSplineFlow
 from bg.models.base import BoltzmannGenerator
 from bg.models.transferable import Binding, TransferableGenerator
 from bg.systems import MolecularSystem
@@ -41,9 +41,9 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
 
     Args:
         split_channels, backbone_layers, sidechain_layers, bins, width, depth, attention_dim, coupling_masks,
-            interval_width: the shared flow, see ``bg.flows.transferable_nsf.TransferableSplineFlow``
-            (``interval_width``: a bond, angle or non-rotatable torsion lives on its harmonic centre ± this
-            many σ).
+            interval_width, harmonic: the shared flow, see ``bg.flows.transferable_nsf.TransferableSplineFlow``
+            (``harmonic: correlated`` whitens the bonds, angles and non-rotatable torsions by their harmonic
+            covariance, ``independent`` puts each on its centre ± ``interval_width`` σ).
         minimize_tolerance: kJ/mol/nm; each bound molecule's template is minimised to this before its Hessian.
         kl_batch_size: flow samples per energy-term evaluation.
         **kwargs: see ``BoltzmannGenerator``.
@@ -53,11 +53,11 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
-                 interval_width: float = 8.0, minimize_tolerance: float = 1.0, kl_batch_size: int = 256,
+                 interval_width: float = 8.0, harmonic: Harmonic = "correlated", minimize_tolerance: float = 1.0, kl_batch_size: int = 256,
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.shared = TransferableSplineFlow(split_channels, backbone_layers, sidechain_layers, bins, width, depth,
-                                             attention_dim, coupling_masks, interval_width)
+                                             attention_dim, coupling_masks, interval_width, harmonic)
         self.init_transferable()
 
     def make_binding(self, system: MolecularSystem) -> Binding:

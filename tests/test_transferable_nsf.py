@@ -1,0 +1,148 @@
+"""TransferableNSF: one set of atom-token conditioners for many peptides over internal coordinates, spline
+intervals and base from each molecule's harmonic geometry (checked against MD); `bg fit` on two peptides,
+`bg predict --data.sequence` of a third, sampling a fourth the set never held."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import bg
+from bg.coordinates import InternalCoordinates
+from bg.coordinates.harmonic import harmonic_geometry
+from bg.energy import target_energy
+from bg.flows import CartesianDensity
+from bg.flows.transferable_nsf import TransferableSplineFlow
+from bg.models import TransferableNSF
+from datamodules import PeptideSetDataModule
+from tests.conftest import predicted_folder
+from tests.test_nsf_cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "peptides_nsf.yaml"
+
+
+@pytest.fixture(scope="module")
+def aldp_geometry(aldp_system):
+    rep = InternalCoordinates(aldp_system.topology)
+    energy = target_energy(aldp_system, backend="torch", compile=False)
+    return rep, harmonic_geometry(rep, energy, aldp_system.positions)
+
+
+def test_harmonic_geometry_agrees_with_md_and_finds_the_rotatable_torsions(aldp_geometry, aldp_frames):
+    rep, geometry = aldp_geometry
+    table = rep.coordinate_table()
+    rotatable = {tuple(n.split(":")[1] for n in table[i]["atoms"][1:3]) for i in torch.nonzero(geometry.rotatable).flatten()}
+    # φ (N–CA), ψ (CA–C) and the three methyl rotors (ACE CH3–C, ALA CB–CA, NME C–N); not the amide bonds
+    assert rotatable == {("N", "CA"), ("C", "CA"), ("CH3", "C"), ("CB", "CA"), ("C", "N")}
+    assert int(geometry.rotatable.sum()) == 5
+    z, _ = rep(torch.as_tensor(aldp_frames))
+    stiff = ~geometry.rotatable
+    deviation = z - geometry.centre
+    deviation = torch.where(rep.is_torsion, torch.remainder(deviation + math.pi, 2 * math.pi) - math.pi, deviation)
+    ratio = deviation[:, stiff].std(0) / geometry.sigma[stiff]
+    # 200 frames of 50 ps MD: the harmonic σ of bonds, angles and fixed torsions is the MD's spread
+    assert 0.85 < float(ratio.median()) < 1.2 and float(ratio.min()) > 0.5 and float(ratio.max()) < 2.0
+    assert float((deviation[:, stiff].abs() / geometry.sigma[stiff]).max()) < 8.0  # inside the spline intervals
+
+
+def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_peptide(aldp_system, aldp_geometry,
+                                                                                      aldp_frames):
+    rep, geometry = aldp_geometry
+    z, _ = rep(torch.as_tensor(aldp_frames[:16]))
+    stiff = ~geometry.rotatable
+    deviation = torch.remainder(z[:, stiff] - geometry.centre[stiff] + math.pi, 2 * math.pi) - math.pi
+    uniform = int(geometry.rotatable.sum()) * math.log(2 * math.pi)
+    # zero-initialised outputs: every coupling is the identity and q is where the flow starts, uniform on the
+    # rotatable torsions and on the stiff coordinates either
+    # - correlated: the multivariate normal of the harmonic centre and covariance (truncation at ± 8 whitened σ:
+    #   a mass of 1 − 1e-14), or
+    # - independent: normals of the harmonic centre and σ truncated to ± 8 σ (torsions recentred)
+    correlated = torch.distributions.MultivariateNormal(torch.zeros(int(stiff.sum()), dtype=torch.float64),
+                                                        geometry.covariance).log_prob(deviation) - uniform
+    normal = torch.distributions.Normal(0.0, geometry.sigma[stiff])
+    mass = normal.cdf(8 * geometry.sigma[stiff]) - normal.cdf(-8 * geometry.sigma[stiff])
+    independent = (normal.log_prob(deviation) - mass.log()).sum(-1) - uniform
+    assert float((correlated - independent).mean()) > 1.0  # the correlations are worth nats on MD frames
+    for harmonic, expected in (("independent", independent), ("correlated", correlated)):  # the default last
+        torch.manual_seed(0)
+        shared = TransferableSplineFlow(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1,
+                                        attention_dim=8, harmonic=harmonic).double()
+        torch.testing.assert_close(shared.bind(rep, geometry).log_prob(z), expected, rtol=1e-9, atol=1e-8)
+
+    with torch.no_grad():  # away from the identity: sample, then evaluate, for two molecules with one set of weights
+        for p in shared.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    from bg.systems import build_capped_peptide
+
+    for system in (aldp_system, build_capped_peptide("W", forcefield="amber99sbildn-obc")):
+        rep = InternalCoordinates(system.topology)
+        geometry = harmonic_geometry(rep, target_energy(system, backend="torch", compile=False), system.positions)
+        density = CartesianDensity(rep, shared.bind(rep, geometry))
+        x, log_q = density.sample(32)
+        assert x.shape == (32, system.n_atoms, 3)
+        torch.testing.assert_close(density.log_prob(x), log_q, rtol=1e-8, atol=1e-8)
+        assert set(density.parameters()) == set(shared.parameters())  # the bound flow adds no weights
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_peptide_set):
+    """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A."""
+    cache, spec, _ = tiny_peptide_set
+    tmp_path = tmp_path_factory.mktemp("transfer_nsf")
+    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1,
+                   check_val_every_n_epoch=1,
+                   logger=dict(class_path="lightning.pytorch.loggers.CSVLogger",
+                               init_args=dict(save_dir=str(tmp_path / "logs"), name="", version="run")),
+                   callbacks=[dict(class_path="callbacks.MoleculeEvaluation",
+                                   init_args=dict(every_n_epochs=2, n_samples=16, split="test")),
+                              dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                                   init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
+                              dict(class_path="callbacks.SampleWriter",
+                                   init_args=dict(output_dir=str(tmp_path / "samples")))])
+    loss = dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1, lr=1e-3, lr_end=1e-4),
+                            kl=dict(weights={"nll": 1.0, "logvar": 0.5}, epochs=1, lr=1e-4)))
+    model = dict(init_args=dict(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1, attention_dim=8,
+                                kl_batch_size=8, sample_batch_size=8, predict_samples=16))
+    data = dict(init_args=dict(peptide_set=str(spec), cache_dir=str(cache), batch_size=4, stride=1))
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(dict(trainer=trainer, loss=loss, model=model, data=data), sort_keys=False))
+    run(["fit", "--config", str(CONFIG), "--config", str(small)], tmp_path)
+    return tmp_path, small
+
+
+def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_peptide_set):
+    tmp_path, small = fitted
+    cache, spec, _ = tiny_peptide_set
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "run" / "metrics.csv")))
+    logged = [r for r in rows if r.get("test/ess/S")]
+    assert len(logged) == 1 and 0 < float(logged[0]["test/ess"]) <= 1
+    assert any(r.get("train/logvar") for r in rows) and any(r.get("train/nll") for r in rows)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert stored["bg_system"] is None and stored["bg_peptides"]["train"] == ["G", "A"]
+    assert all(k.startswith("shared.") for k in stored["state_dict"])  # the shared weights only
+
+    out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path", str(ckpt),
+               "--data.sequence", "S"], tmp_path)
+    npz = np.load(predicted_folder(out) / "samples.npz")
+    assert len(npz["log_w"]) == 16 and np.isfinite(npz["log_q"]).all() and np.isfinite(npz["log_w"]).any()
+
+    model = bg.load_generator(ckpt)
+    assert isinstance(model, TransferableNSF)
+    dm = PeptideSetDataModule(str(spec), cache_dir=str(cache), batch_size=4)
+    dm.setup("fit")
+    x = dm.positions["train"][0][:4].double()
+    model.bind(dm.system("G"))
+    before = model.log_prob(x)
+    model.bind("K")  # a residue the set never held: bound from its sequence alone
+    torch.manual_seed(0)
+    xs, log_q = model.sample(8)
+    assert xs.shape[1] == model.system.n_atoms and torch.isfinite(model.energy(xs)).all()
+    torch.testing.assert_close(model.log_prob(xs), log_q, rtol=1e-3, atol=1e-3)
+    model.bind(dm.system("G"))  # bindings are cached: the same density again
+    torch.testing.assert_close(model.log_prob(x), before)
