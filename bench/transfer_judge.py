@@ -75,7 +75,7 @@ def row(v: dict) -> str:
 
 #: the options that say what a generator is, per family (those it has)
 DESCRIBED = ("hidden", "layers", "encoding", "solver", "backbone_layers", "sidechain_layers", "width", "depth", "bins",
-             "interval_width")
+             "interval_width", "harmonic")
 
 
 def describe(model) -> str:

@@ -144,9 +144,12 @@ class LossStages(Callback):
                              "resume with the same loss.stages")
         state = dict(state_dict)
         names = state.pop("stage_names", None)
-        if names is not None and names != [s.name for s in self.stages]:
+        current = [s.name for s in self.stages]
+        # stages appended after the checkpoint's (a finished run extended by a new stage) are fine: the run goes
+        # on into them once its last stage is over
+        if names is not None and names != current[: len(names)]:
             raise ValueError(f"the checkpoint was trained with stages {names}, the config has "
-                             f"{[s.name for s in self.stages]}; resume with the same stages")
+                             f"{current}; resume with the same stages (new stages may only be appended)")
         self.progress = _Progress(**state)
 
     # ------------------------------------------------------------------ transitions

@@ -72,6 +72,10 @@ def test_resumed_run_continues_in_its_stage(tmp_path, aldp_data_args, tiny_nsf_k
     assert state["index"] == 1 and state["start_epoch"] == 1
     _, model, probe = fit(tmp_path, aldp_data_args, tiny_nsf_kwargs, stages, max_epochs=4, ckpt_path=ckpt, batches=1)
     assert probe.seen == {2: {"nll": 1.0, "w2": 1.0}, 3: {"nll": 1.0, "kl": 0.1}}
+    # A stage appended to the checkpoint's (a finished run extended) is entered once the last one is over.
+    extended = stages[:2] + [dict(stages[2], epochs=1), dict(name="d", weights={"nll": 0.5})]
+    _, _, probe = fit(tmp_path, aldp_data_args, tiny_nsf_kwargs, extended, max_epochs=5, ckpt_path=ckpt, batches=1)
+    assert probe.seen == {4: {"nll": 0.5}}
     # Resuming with different stages is refused with the reason.
     other = [dict(name="x", weights={"nll": 1.0})]
     with pytest.raises(ValueError, match="resume with the same stages"):
