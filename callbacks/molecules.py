@@ -10,7 +10,7 @@ so it needs no validation loop: a set without validation peptides (``n_val: 0``,
 trains) can log its test peptides (``split: test``) for reading — not for choosing checkpoints by them.
 
 Each rank draws its own ``n_samples`` (seed, step, rank), and Lightning averages the ranks' values.
-The generator must offer ``bind(system)`` (``bg.models.TransferableCNF``); the DataModule ``split``,
+The generator must offer ``bind(system)`` (``bg.models.TransferableCNF``, ``bg.models.TransferableNSF``); the DataModule ``split``,
 ``positions`` and ``system(sequence)`` (``datamodules.PeptideSetDataModule``).
 """
 
