@@ -103,3 +103,25 @@ def tiny_peptide_set(tmp_path_factory):
     manifest = make_peptide_set(PeptideSet.from_dict(spec), cache, MDSettings(**TINY_PEPTIDE_MD), workers=2,
                                 progress=False)
     return cache, path, manifest
+
+
+def peptide_fit_overrides(tmp_path: Path, tiny_set, loss: dict, model: dict, n_samples: int, **trainer) -> Path:
+    """A config (written to ``tmp_path/small.yaml``) that shrinks a transferable-generator recipe to 2 epochs of
+    2 steps on the tiny peptide set: CSV logs in ``tmp_path/logs/run``, checkpoints in ``tmp_path/ckpt``,
+    ``MoleculeEvaluation`` of the test peptide with ``n_samples`` at the end, samples in ``tmp_path/samples``."""
+    import yaml
+
+    cache, spec, _ = tiny_set
+    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1, **trainer,
+                   logger=dict(class_path="lightning.pytorch.loggers.CSVLogger",
+                               init_args=dict(save_dir=str(tmp_path / "logs"), name="", version="run")),
+                   callbacks=[dict(class_path="callbacks.MoleculeEvaluation",
+                                   init_args=dict(every_n_epochs=2, n_samples=n_samples, split="test")),
+                              dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                                   init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
+                              dict(class_path="callbacks.SampleWriter",
+                                   init_args=dict(output_dir=str(tmp_path / "samples")))])
+    data = dict(init_args=dict(peptide_set=str(spec), cache_dir=str(cache), batch_size=4, stride=1))
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(dict(trainer=trainer, loss=loss, model=model, data=data), sort_keys=False))
+    return small

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import bg
 from bg.models import EquivariantCNF, TransferableCNF
 from callbacks import MoleculeEvaluation
 from datamodules import PeptideSetDataModule
-from tests.conftest import predicted_folder
+from tests.conftest import peptide_fit_overrides, predicted_folder
 from tests.test_nsf_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,22 +65,10 @@ def test_an_unfitted_model_refuses_to_bind_and_mixed_batches_are_refused(data):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_peptide_set):
     """`bg fit --config configs/peptides_cnf.yaml` shrunk: 4 steps on G and A."""
-    cache, spec, _ = tiny_peptide_set
     tmp_path = tmp_path_factory.mktemp("transfer")
-    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1,
-                   logger=dict(class_path="lightning.pytorch.loggers.CSVLogger",
-                               init_args=dict(save_dir=str(tmp_path / "logs"), name="", version="run")),
-                   callbacks=[dict(class_path="callbacks.MoleculeEvaluation",
-                                   init_args=dict(every_n_epochs=2, n_samples=4, split="test")),
-                              dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-                                   init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
-                              dict(class_path="callbacks.SampleWriter",
-                                   init_args=dict(output_dir=str(tmp_path / "samples")))])
     loss = dict(stages=dict(fm=dict(weights={"flow_matching": 1.0}, epochs=2, lr=1e-3, lr_end=1e-4)))
     model = dict(init_args=dict(hidden=8, layers=1, solver="rk4", steps=3, sample_batch_size=5, predict_samples=10))
-    data = dict(init_args=dict(peptide_set=str(spec), cache_dir=str(cache), batch_size=4, stride=1))
-    small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump(dict(trainer=trainer, loss=loss, model=model, data=data), sort_keys=False))
+    small = peptide_fit_overrides(tmp_path, tiny_peptide_set, loss, model, n_samples=4)
     run(["fit", "--config", str(CONFIG), "--config", str(small)], tmp_path)
     return tmp_path, small
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import bg
 from bg.coordinates import InternalCoordinates
@@ -19,7 +18,7 @@ from bg.flows import CartesianDensity
 from bg.flows.transferable_nsf import TransferableSplineFlow
 from bg.models import TransferableNSF
 from datamodules import PeptideSetDataModule
-from tests.conftest import predicted_folder
+from tests.conftest import peptide_fit_overrides, predicted_folder
 from tests.test_nsf_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,25 +91,12 @@ def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_p
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_peptide_set):
     """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A."""
-    cache, spec, _ = tiny_peptide_set
     tmp_path = tmp_path_factory.mktemp("transfer_nsf")
-    trainer = dict(max_epochs=2, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1,
-                   check_val_every_n_epoch=1,
-                   logger=dict(class_path="lightning.pytorch.loggers.CSVLogger",
-                               init_args=dict(save_dir=str(tmp_path / "logs"), name="", version="run")),
-                   callbacks=[dict(class_path="callbacks.MoleculeEvaluation",
-                                   init_args=dict(every_n_epochs=2, n_samples=16, split="test")),
-                              dict(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
-                                   init_args=dict(dirpath=str(tmp_path / "ckpt"), save_last=True)),
-                              dict(class_path="callbacks.SampleWriter",
-                                   init_args=dict(output_dir=str(tmp_path / "samples")))])
     loss = dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1, lr=1e-3, lr_end=1e-4),
                             kl=dict(weights={"nll": 1.0, "logvar": 0.5}, epochs=1, lr=1e-4)))
     model = dict(init_args=dict(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1, attention_dim=8,
                                 kl_batch_size=8, sample_batch_size=8, predict_samples=16))
-    data = dict(init_args=dict(peptide_set=str(spec), cache_dir=str(cache), batch_size=4, stride=1))
-    small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump(dict(trainer=trainer, loss=loss, model=model, data=data), sort_keys=False))
+    small = peptide_fit_overrides(tmp_path, tiny_peptide_set, loss, model, n_samples=16, check_val_every_n_epoch=1)
     run(["fit", "--config", str(CONFIG), "--config", str(small)], tmp_path)
     return tmp_path, small
 

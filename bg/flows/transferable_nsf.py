@@ -66,10 +66,6 @@ class AtomTokenLayout:
     identity: Tensor
     positions: Tensor
 
-    @property
-    def n_tokens(self) -> int:
-        return len(self.positions)
-
 
 def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) -> AtomTokenLayout:
     """The layout of ``representation`` (``rotatable``: ``(D,)`` rotatable torsions, see ``bg.coordinates.harmonic``)."""
@@ -77,7 +73,8 @@ def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) ->
     tokens = atom_tokens(topology, "full")
     neighbours = bond_graph(topology)
     rows = representation.coordinate_table()
-    placed = sorted({row["atom_indices"][0] for row in rows}, key=lambda a: representation.zmatrix.order.tolist().index(a))
+    has_coordinates = {row["atom_indices"][0] for row in rows}
+    placed = [a for a in representation.zmatrix.order.tolist() if a in has_coordinates]  # Z-matrix order
     token_of_atom = {a: t for t, a in enumerate(placed)}
     identity = torch.zeros(len(placed), len(FIELD_VOCAB), dtype=torch.long)
     atoms = list(topology.atoms)

@@ -112,12 +112,16 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         base statistics) to ``train_positions`` ``(F, N, 3)`` nm when given (when restoring a checkpoint they
         come from the state dict instead)."""
         self.system = system
-        hp = self.hparams
-        self.target = LazyTargetEnergy(system, hp.energy_backend, hp.energy_compile, hp.energy_workers)
+        self.target = self.new_target(system)
         density = self.build_density(system)
         if train_positions is not None:
             density.fit(train_positions)
         self.density = density.to(self.device)
+
+    def new_target(self, system: MolecularSystem) -> LazyTargetEnergy:
+        """The target energy of ``system`` with the model's energy settings."""
+        hp = self.hparams
+        return LazyTargetEnergy(system, hp.energy_backend, hp.energy_compile, hp.energy_workers)
 
     def setup(self, stage: str) -> None:
         self.configure_model()

@@ -86,11 +86,6 @@ class TransferableGenerator:
         self.system, self.target = self._bound.system, self._bound.target
         return self
 
-    def new_target(self, system: MolecularSystem) -> LazyTargetEnergy:
-        """The target energy of ``system`` with the model's energy settings."""
-        hp = self.hparams
-        return LazyTargetEnergy(system, hp.energy_backend, hp.energy_compile, hp.energy_workers)
-
     def _apply(self, fn, *args, **kwargs):
         # moving the model replaces its parameters and buffers: bindings (which share them) are rebuilt on next use
         out = super()._apply(fn, *args, **kwargs)
