@@ -47,6 +47,18 @@ def test_harmonic_geometry_agrees_with_md_and_finds_the_rotatable_torsions(aldp_
     # 200 frames of 50 ps MD: the harmonic σ of bonds, angles and fixed torsions is the MD's spread
     assert 0.85 < float(ratio.median()) < 1.2 and float(ratio.min()) > 0.5 and float(ratio.max()) < 2.0
     assert float((deviation[:, stiff].abs() / geometry.sigma[stiff]).max()) < 8.0  # inside the spline intervals
+    # rigid scans: a methyl rotor (ALA CB–CA) has three equal wells 120° apart; φ's lowest well holds the MD's φ
+    scan = geometry.torsion_energy
+    rows = torch.nonzero(geometry.rotatable).flatten().tolist()
+    methyl = scan[[i for i, r in enumerate(rows) if table[r]["atoms"][1:3] == ["ALA2:CB", "ALA2:CA"]][0]]
+    assert scan.shape == (5, 360) and float(scan.min()) == 0.0
+    torch.testing.assert_close(methyl, methyl.roll(120), rtol=0, atol=0.3)
+    assert float(methyl.max()) > 3.0  # a barrier of a few kT (about 3 kcal/mol for a methyl rotor)
+    phi_index = rep.phi_psi_indices()[0][0]
+    phi_scan = scan[rows.index(int(phi_index))]
+    grid = -math.pi + (torch.arange(360, dtype=torch.float64) + 0.5) * math.pi / 180
+    md_phi = z[:, phi_index].median()
+    assert float(phi_scan[(grid - md_phi).abs().argmin()]) < 3.0
 
 
 def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_peptide(aldp_system, aldp_geometry,
@@ -67,10 +79,16 @@ def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_p
     mass = normal.cdf(8 * geometry.sigma[stiff]) - normal.cdf(-8 * geometry.sigma[stiff])
     independent = (normal.log_prob(deviation) - mass.log()).sum(-1) - uniform
     assert float((correlated - independent).mean()) > 1.0  # the correlations are worth nats on MD frames
-    for harmonic, expected in (("independent", independent), ("correlated", correlated)):  # the default last
+    # torsion_prior scan: the rotatable torsions start from their rigid scans, exp(−u/2) with a 20 % uniform share
+    table = torch.softmax(-geometry.torsion_energy / 2.0, -1) * 0.8 + 0.2 / geometry.torsion_energy.shape[1]
+    width = 2 * math.pi / table.shape[1]
+    bins = ((z[:, geometry.rotatable] + math.pi) / width).long()
+    scanned = table.gather(1, bins.T).T.div(width).log().sum(-1) + uniform
+    for harmonic, prior, expected in (("independent", "uniform", independent), ("correlated", "scan", correlated + scanned),
+                                      ("correlated", "uniform", correlated)):
         torch.manual_seed(0)
         shared = TransferableSplineFlow(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1,
-                                        attention_dim=8, harmonic=harmonic).double()
+                                        attention_dim=8, harmonic=harmonic, torsion_prior=prior).double()
         torch.testing.assert_close(shared.bind(rep, geometry).log_prob(z), expected, rtol=1e-9, atol=1e-8)
 
     with torch.no_grad():  # away from the identity: sample, then evaluate, for two molecules with one set of weights
@@ -125,6 +143,15 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     x = dm.positions["train"][0][:4].double()
     model.bind(dm.system("G"))
     before = model.log_prob(x)
+    # the training set's token values are known (residue types ACE, NME, GLY, ALA); a residue type never seen (K)
+    # is embedded as the mean of the known ones, not as its untrained random row
+    conditioner = model.shared.conditioners[0]
+    assert int(conditioner.known0.sum()) == 4
+    unknown = int(torch.nonzero(~conditioner.known0)[0])
+    table = conditioner.identity[0].weight
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([unknown])), table[conditioner.known0].mean(0, True))
+    known = int(torch.nonzero(conditioner.known0)[0])
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([known])), table[[known]])
     model.bind("K")  # a residue the set never held: bound from its sequence alone
     torch.manual_seed(0)
     xs, log_q = model.sample(8)

@@ -23,6 +23,14 @@ geometry (``harmonic``):
   to the MD itself.
 - ``"independent"``: each stiff coordinate on its own centre ± ``interval_width`` σ with a truncated-normal
   base (non-rotatable torsions recentred); correlations are left to the couplings.
+
+Rotatable torsions (``torsion_prior``) start uniform on the circle (``"uniform"``) or from the molecule's rigid
+force-field scans (``"scan"``): :class:`bg.flows.tabulated.TabulatedCircular` gives each the density
+exp(−u_scan/T) mixed with a uniform share (``scan_temperature`` T, ``scan_floor``), so the couplings learn
+corrections to the physics rather than each residue's rotamers from its atom names. Over the 20 capped single
+residues' MD the scan (T = 2, floor 0.2) halves the torsions' mean KL(MD ‖ start) against a uniform start
+(backbone 1.04 → 0.31 nats, side chains 0.65 → 0.32); for the held-out leucine's χ2 it is 0.53 nats where a
+model trained uniform on 15 other residues gave 2.3.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from bg.flows.conditioners import GatedAttentionUnit
 from bg.flows.coupling import CouplingMasks, SplitChannelFlow
 from bg.flows.distributions import CoordinateBase
 from bg.flows.nsf import TORSION, InternalFlow
+from bg.flows.tabulated import TabulatedCircular, boltzmann_table
 from bg.systems.encodings import ENCODING_VOCAB, atom_tokens
 
 _NAMES = ENCODING_VOCAB["full"][1]  # atom-name tokens (a hydrogen named after its heavy atom); + 1: "no atom"
@@ -51,6 +60,7 @@ _RESIDUES = ENCODING_VOCAB["full"][0]
 #: reference atoms, element, number of bonds, torsion class (0 none, 1 rotatable, 2 sibling, 3 planar/ring)
 FIELD_VOCAB = (_RESIDUES, _NAMES + 1, _NAMES + 1, _NAMES + 1, _NAMES + 1, 119, 8, 4)
 SLOTS = 3  # bond, angle, torsion of one placed atom
+TorsionPrior = Literal["uniform", "scan"]
 Harmonic = Literal["correlated", "independent"]
 
 
@@ -114,6 +124,8 @@ class AtomTokenConditioner(nn.Module):
         self.identity = nn.ModuleList(nn.Embedding(v, width) for v in FIELD_VOCAB)
         for table in self.identity:
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(len(FIELD_VOCAB)))
+        for k, v in enumerate(FIELD_VOCAB):  # see set_known; all False: every row used as it is
+            self.register_buffer(f"known{k}", torch.zeros(v, dtype=torch.bool), persistent=False)
         self.values = nn.Linear(SLOTS * 4, width)  # per slot: 3 features + "this slot is a free coordinate"
         self.layers = nn.ModuleList(GatedAttentionUnit(width, s=attention_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
@@ -127,11 +139,31 @@ class AtomTokenConditioner(nn.Module):
         grid[:, cell, :3] = features
         grid[:, cell, 3] = 1.0
         x = self.values(grid.view(b, t, SLOTS * 4))
-        x = x + sum(table(identity[:, k]) for k, table in enumerate(self.identity)).to(x.dtype)
+        x = x + sum(self._embed(k, identity[:, k]) for k in range(len(self.identity))).to(x.dtype)
         for layer in self.layers:
             x = layer(x, positions)
         out = self.out(self.norm(x)).view(b, t * SLOTS, self.n_params)
         return out[:, cell]
+
+
+    def set_known(self, identities: list[Tensor]) -> None:
+        """Mark the field values of the atom tokens ``identities`` (``[(T, len(FIELD_VOCAB))]``, the training
+        molecules' layouts) as known. From then on a value never among them (a residue type, an atom name the
+        training set lacked) is embedded as the mean of the known values' embeddings: its own row never received
+        a gradient and is still the random initialisation, which a never-seen residue would otherwise pass to
+        the couplings as noise. (Held-out Ace-L-Nme with a model trained on 15 other residues: ESS/n 0.0008 →
+        0.0053, torch force field, 3 × 5,000 samples.)"""
+        for k in range(len(FIELD_VOCAB)):
+            known = getattr(self, f"known{k}")
+            known.zero_()
+            for identity in identities:
+                known[identity[:, k].to(known.device)] = True
+
+    def _embed(self, k: int, values: Tensor) -> Tensor:
+        weight, known = self.identity[k].weight, getattr(self, f"known{k}")
+        if known.any() and not known.all():
+            weight = torch.where(known[:, None], weight, weight[known].mean(0))
+        return weight[values]
 
 
 class BoundConditioner(nn.Module):
@@ -209,20 +241,33 @@ class TransferableSplineFlow(nn.Module):
         interval_width: a stiff coordinate's spline interval: ± this many (whitened) standard deviations.
         harmonic: ``"correlated"`` (whiten the stiff coordinates by the harmonic covariance) or
             ``"independent"`` (see module docstring).
+        torsion_prior: ``"uniform"`` or ``"scan"``: where rotatable torsions start (see module docstring).
+        scan_temperature, scan_floor: the scan density exp(−u/T) and its uniform share.
     """
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
-                 interval_width: float = 8.0, harmonic: Harmonic = "correlated"):
+                 interval_width: float = 8.0, harmonic: Harmonic = "correlated", torsion_prior: TorsionPrior = "uniform",
+                 scan_temperature: float = 2.0, scan_floor: float = 0.2):
         super().__init__()
-        check_choices(TransferableSplineFlow.__init__, dict(harmonic=harmonic))
+        check_choices(TransferableSplineFlow.__init__, dict(harmonic=harmonic, torsion_prior=torsion_prior))
+        if scan_temperature <= 0 or not 0.0 < scan_floor <= 1.0:
+            raise ValueError(f"scan_temperature must be > 0 and scan_floor in (0, 1], got {scan_temperature}, "
+                             f"{scan_floor}")
         self.harmonic = harmonic
+        self.torsion_prior, self.scan_temperature, self.scan_floor = torsion_prior, scan_temperature, scan_floor
         self.split_channels = split_channels
         self.backbone_layers, self.sidechain_layers = backbone_layers, sidechain_layers if split_channels else 0
         self.bins, self.coupling_masks, self.interval_width = bins, coupling_masks, interval_width
         self.conditioners = nn.ModuleList(
             AtomTokenConditioner(3 * bins + 1, width=width, depth=depth, attention_dim=attention_dim)
             for _ in range(self.backbone_layers + self.sidechain_layers))
+
+    def set_known(self, identities: list[Tensor]) -> None:
+        """``AtomTokenConditioner.set_known`` for every conditioner: ``identities`` of the training molecules'
+        layouts (:func:`atom_token_layout`)."""
+        for conditioner in self.conditioners:
+            conditioner.set_known(identities)
 
     def bind(self, representation: InternalCoordinates, geometry: HarmonicGeometry) -> InternalFlow:
         """The flow of one molecule over its free internal coordinates ``(B, D)``: couplings that share this
@@ -238,8 +283,12 @@ class TransferableSplineFlow(nn.Module):
                                      backbone_layers=self.backbone_layers, sidechain_layers=self.sidechain_layers,
                                      bins=self.bins, masks=self.coupling_masks)
         base = CoordinateBase(circular, low, high, bounded="truncated_normal", torsion="uniform")
+        prior: list[nn.Module] = []
+        if self.torsion_prior == "scan":
+            table = boltzmann_table(geometry.torsion_energy, self.scan_temperature, self.scan_floor)
+            prior = [TabulatedCircular(geometry.rotatable, table)]
         if self.harmonic == "independent":
-            flow = InternalFlow(transform, base, kinds)
+            flow = InternalFlow(Stack(*prior, transform) if prior else transform, base, kinds)
             flow.fit_geometry(geometry.centre, geometry.sigma, geometry.rotatable, self.interval_width)
         else:
             # the couplings and base act on w: stiff coordinates standard normal on ± interval_width, rotatable
@@ -251,11 +300,11 @@ class TransferableSplineFlow(nn.Module):
                 module.high.copy_(torch.where(circular, math.pi, self.interval_width))
             base.loc.zero_()
             base.scale.copy_(torch.where(circular, 1e-3, 1.0))
-            flow = InternalFlow(Stack(HarmonicWhitening(geometry, kinds == TORSION), transform), base,
+            flow = InternalFlow(Stack(HarmonicWhitening(geometry, kinds == TORSION), *prior, transform), base,
                                 kinds)
         parameter = next(self.parameters())
         return flow.to(device=parameter.device)
 
 
 __all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "FIELD_VOCAB",
-           "TransferableSplineFlow", "atom_token_layout"]
+           "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]

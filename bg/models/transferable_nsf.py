@@ -25,14 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 from bg.coordinates import InternalCoordinates
-from bg.coordinates.harmonic import harmonic_geometry
+from bg.coordinates.harmonic import harmonic_geometry, rotatable_torsions
 from bg.energy import target_energy
 from bg.flows import CartesianDensity
 from bg.flows.coupling import CouplingMasks
-from bg.flows.transferable_nsf import Harmonic, TransferableSplineFlow
+from bg.flows.transferable_nsf import Harmonic, TorsionPrior, TransferableSplineFlow, atom_token_layout
 from bg.models.base import BoltzmannGenerator
 from bg.models.transferable import Binding, TransferableGenerator
-from bg.systems import MolecularSystem
+from bg.systems import MolecularSystem, molecule_system
 from bg.systems.peptide import minimize_positions
 
 
@@ -44,6 +44,8 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
             interval_width, harmonic: the shared flow, see ``bg.flows.transferable_nsf.TransferableSplineFlow``
             (``harmonic: correlated`` whitens the bonds, angles and non-rotatable torsions by their harmonic
             covariance, ``independent`` puts each on its centre ± ``interval_width`` σ).
+        torsion_prior, scan_temperature, scan_floor: where rotatable torsions start: ``uniform`` on the circle or
+            from the peptide's rigid force-field ``scan`` (exp(−u/T) with a uniform share ``scan_floor``).
         minimize_tolerance: kJ/mol/nm; each bound molecule's template is minimised to this before its Hessian.
         kl_batch_size: flow samples per energy-term evaluation.
         **kwargs: see ``BoltzmannGenerator``.
@@ -53,14 +55,17 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
-                 interval_width: float = 8.0, harmonic: Harmonic = "correlated", minimize_tolerance: float = 1.0, kl_batch_size: int = 256,
-                 **kwargs: Any):
+                 interval_width: float = 8.0, harmonic: Harmonic = "correlated", torsion_prior: TorsionPrior = "uniform",
+                 scan_temperature: float = 2.0, scan_floor: float = 0.2, minimize_tolerance: float = 1.0,
+                 kl_batch_size: int = 256, **kwargs: Any):
         super().__init__(**kwargs)
         self.shared = TransferableSplineFlow(split_channels, backbone_layers, sidechain_layers, bins, width, depth,
-                                             attention_dim, coupling_masks, interval_width, harmonic)
+                                             attention_dim, coupling_masks, interval_width, harmonic, torsion_prior,
+                                             scan_temperature, scan_floor)
         self.init_transferable()
 
     def make_binding(self, system: MolecularSystem) -> Binding:
+        self._know_training_tokens()
         representation = InternalCoordinates(system.topology)
         # the torch force field in float64 on the CPU: the Hessian needs double backward (OpenMM has none)
         energy = target_energy(system, backend="torch", compile=False)
@@ -69,3 +74,18 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
         flow = self.shared.bind(representation, geometry)
         density = CartesianDensity(representation.to(flow.kinds.device), flow)
         return Binding(system=system, density=density, target=self.new_target(system))
+
+    def _know_training_tokens(self) -> None:
+        """Tell the conditioners which token values the training peptides hold (``set_known``: never-seen residue
+        types and atom names are embedded as the mean of the known ones), once per training set."""
+        train = tuple(self.peptides.get("train", ()))
+        if not train or getattr(self, "_known_for", None) == train:
+            return
+        identities = []
+        for sequence in train:
+            topology = molecule_system(sequence, self.peptides.get("temperature", 300.0),
+                                       self.peptides.get("forcefield")).topology
+            representation = InternalCoordinates(topology)
+            identities.append(atom_token_layout(representation, rotatable_torsions(representation)).identity)
+        self.shared.set_known(identities)
+        self._known_for = train
