@@ -45,7 +45,9 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
             (``harmonic: correlated`` whitens the bonds, angles and non-rotatable torsions by their harmonic
             covariance, ``independent`` puts each on its centre ± ``interval_width`` σ).
         torsion_prior, scan_temperature, scan_floor: where rotatable torsions start: ``uniform`` on the circle or
-            from the peptide's rigid force-field ``scan`` (exp(−u/T) with a uniform share ``scan_floor``).
+            from the peptide's rigid force-field ``scan`` (exp(−u/T) with a uniform share ``scan_floor``;
+            ``configs/peptides_nsf.yaml`` uses ``scan``; the default stays ``uniform`` so that checkpoints saved
+            before the option existed load as they were trained).
         minimize_tolerance: kJ/mol/nm; each bound molecule's template is minimised to this before its Hessian.
         kl_batch_size: flow samples per energy-term evaluation.
         **kwargs: see ``BoltzmannGenerator``.
