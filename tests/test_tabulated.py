@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bg.flows.tabulated import TabulatedCircular, boltzmann_table
+from bg.flows.transferable_nsf import TransferableSplineFlow
 
 
 @pytest.fixture
@@ -54,3 +55,12 @@ def test_bad_tables_are_refused():
         TabulatedCircular(torch.tensor([True]), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="floor"):
         boltzmann_table(torch.zeros(1, 4), floor=1.5)
+
+
+def test_bad_scan_options_are_refused():
+    with pytest.raises(ValueError, match="torsion_prior"):
+        TransferableSplineFlow(torsion_prior="rigid")
+    with pytest.raises(ValueError, match="scan_temperature must be > 0"):
+        TransferableSplineFlow(torsion_prior="scan", scan_temperature=0.0)
+    with pytest.raises(ValueError, match="scan_floor in"):
+        TransferableSplineFlow(torsion_prior="scan", scan_floor=0.0)

@@ -126,6 +126,7 @@ class AtomTokenConditioner(nn.Module):
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(len(FIELD_VOCAB)))
         for k, v in enumerate(FIELD_VOCAB):  # see set_known; all False: every row used as it is
             self.register_buffer(f"known{k}", torch.zeros(v, dtype=torch.bool), persistent=False)
+        self._substitute = [False] * len(FIELD_VOCAB)  # fields with unknown rows (decided once, not per forward)
         self.values = nn.Linear(SLOTS * 4, width)  # per slot: 3 features + "this slot is a free coordinate"
         self.layers = nn.ModuleList(GatedAttentionUnit(width, s=attention_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
@@ -157,10 +158,12 @@ class AtomTokenConditioner(nn.Module):
             known.zero_()
             for identity in identities:
                 known[identity[:, k].to(known.device)] = True
+            self._substitute[k] = bool(known.any()) and not bool(known.all())
 
     def _embed(self, k: int, values: Tensor) -> Tensor:
-        weight, known = self.identity[k].weight, getattr(self, f"known{k}")
-        if known.any() and not known.all():
+        weight = self.identity[k].weight
+        if self._substitute[k]:
+            known = getattr(self, f"known{k}")
             weight = torch.where(known[:, None], weight, weight[known].mean(0))
         return weight[values]
 
