@@ -12,10 +12,10 @@ import torch
 
 import bg
 from bg.coordinates import InternalCoordinates
-from bg.coordinates.harmonic import harmonic_geometry
+from bg.coordinates.harmonic import harmonic_geometry, rotatable_torsions
 from bg.energy import target_energy
 from bg.flows import CartesianDensity
-from bg.flows.transferable_nsf import TransferableSplineFlow
+from bg.flows.transferable_nsf import DROPPABLE, FIELD_VOCAB, AtomTokenConditioner, TransferableSplineFlow, atom_token_layout
 from bg.models import TransferableNSF
 from datamodules import PeptideSetDataModule
 from tests.conftest import peptide_fit_overrides, predicted_folder
@@ -106,6 +106,54 @@ def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_p
         assert set(density.parameters()) == set(shared.parameters())  # the bound flow adds no weights
 
 
+def test_chemistry_tokens_tell_rings_and_bond_counts_and_token_dropout_hides_names_behind_the_known_mean():
+    from bg.systems import build_capped_peptide
+
+    for sequence in ("L", "F", "P"):
+        topology = build_capped_peptide(sequence, forcefield="amber99sbildn-obc").topology
+        rep = InternalCoordinates(topology)
+        layout = atom_token_layout(rep, rotatable_torsions(rep))
+        c0 = len(FIELD_VOCAB)
+        # reference: networkx's cycle basis of mdtraj's bond graph, and the atoms' bond counts
+        graph = topology.to_bondgraph()
+        ring = {atom.index for cycle in __import__("networkx").cycle_basis(graph) for atom in cycle}
+        atoms = list(topology.atoms)
+        for row in rep.coordinate_table():
+            a, *refs = row["atom_indices"]
+            t = int(layout.cell[row["index"]]) // 3
+            for k, i in enumerate([a, *refs]):
+                atom = atoms[i]
+                expected = atom.element.atomic_number * 16 + graph.degree(atom) * 2 + (i in ring)
+                assert int(layout.identity[t, c0 + k]) == expected
+        cd1 = [int(layout.cell[r["index"]]) // 3 for r in rep.coordinate_table() if r["atoms"][0].endswith(":CD1")]
+        if sequence != "P":  # leucine's CD1 (sp³, 4 bonds, no ring) and phenylalanine's (aromatic) differ
+            assert int(layout.identity[cd1[0], c0]) == (6 * 16 + 8 if sequence == "L" else 6 * 16 + 6 + 1)
+    assert ring and all(atoms[i].residue.name == "PRO" for i in ring)  # the proline ring: N, CA, CB, CG, CD
+
+    torch.manual_seed(0)
+    conditioner = AtomTokenConditioner(5, width=16, depth=1, attention_dim=8, chemistry_tokens=True,
+                                       token_dropout=0.5).double()
+    with torch.no_grad():
+        conditioner.out.weight.normal_()
+    features = torch.randn(1, len(layout.cell), 3, dtype=torch.float64).expand(64, -1, -1)
+    args = (layout.cell, layout.identity, layout.positions)
+    conditioner.eval()
+    evaluated = conditioner(features, *args)
+    assert torch.equal(evaluated, evaluated[:1].expand_as(evaluated))  # no dropout outside training
+    conditioner.train()
+    trained = conditioner(features, *args)
+    assert not torch.allclose(trained[0], trained[1])  # per-sample dropout
+    with torch.no_grad():  # every row of the droppable fields equal to their mean: hiding them changes nothing
+        for k in DROPPABLE:
+            conditioner.identity[k].weight.copy_(conditioner.identity[k].weight.mean(0))
+    conditioner.eval()
+    evaluated = conditioner(features, *args)
+    conditioner.train()
+    torch.testing.assert_close(conditioner(features, *args), evaluated)
+    with pytest.raises(ValueError, match="token_dropout"):
+        AtomTokenConditioner(5, token_dropout=1.0)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_peptide_set):
     """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A."""
@@ -149,9 +197,11 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     assert int(conditioner.known0.sum()) == 4
     unknown = int(torch.nonzero(~conditioner.known0)[0])
     table = conditioner.identity[0].weight
-    torch.testing.assert_close(conditioner._embed(0, torch.tensor([unknown])), table[conditioner.known0].mean(0, True))
+    assert not conditioner.training  # loaded for sampling: no token dropout
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([unknown]))[0],
+                               table[conditioner.known0].mean(0, True))
     known = int(torch.nonzero(conditioner.known0)[0])
-    torch.testing.assert_close(conditioner._embed(0, torch.tensor([known])), table[[known]])
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([known]))[0], table[[known]])
     model.bind("K")  # a residue the set never held: bound from its sequence alone
     torch.manual_seed(0)
     xs, log_q = model.sample(8)

@@ -61,7 +61,7 @@ def bond_graph(topology: md.Topology) -> list[set[int]]:
     return neighbours
 
 
-def _in_ring(neighbours: list[set[int]], a: int, b: int) -> bool:
+def bond_in_ring(neighbours: list[set[int]], a: int, b: int) -> bool:
     """Whether the bond a–b lies on a ring: b is reachable from a without crossing that bond."""
     seen, stack = {a}, [n for n in neighbours[a] if n != b]
     seen.update(stack)
@@ -87,7 +87,7 @@ def rotatable_torsions(representation: InternalCoordinates) -> Tensor:
         if d in neighbours[p]:  # relative to a sibling atom: set by the angles at p
             continue
         planar = len(neighbours[p]) == 3 and len(neighbours[g]) == 3
-        out[row["index"]] = not planar and not _in_ring(neighbours, p, g)
+        out[row["index"]] = not planar and not bond_in_ring(neighbours, p, g)
     return out
 
 

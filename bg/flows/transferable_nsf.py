@@ -4,7 +4,9 @@ The single-molecule NSF (``neural_spline_flow``) has conditioners whose inputs a
 coordinates; this one has conditioners over **atom tokens**: every atom placed by the Z-matrix owns up to
 three coordinates (its bond, angle and torsion), and its token carries their values together with what
 the atom is — residue type, the names of the atom and of its three reference atoms, element, number of
-bonds, and what kind of torsion places it (rotatable, relative to a sibling, planar or ring). Gated
+bonds, and what kind of torsion places it (rotatable, relative to a sibling, planar or ring); with
+``chemistry_tokens`` also element × bonds × ring membership of the atom and of its reference atoms, which
+tells an sp³ chain from an aromatic ring where atom names coincide (leucine's and phenylalanine's CD1). Gated
 attention units (rotary positions over the residue index) mix the tokens; each token emits the spline
 parameters of its own coordinates. No weight depends on the number or order of atoms, so one set of
 conditioners (one per coupling slot) serves every molecule.
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from bg.coordinates import InternalCoordinates
-from bg.coordinates.harmonic import HarmonicGeometry, bond_graph
+from bg.coordinates.harmonic import HarmonicGeometry, bond_in_ring, bond_graph
 from bg.choices import check_choices
 from bg.coordinates.geometry import wrap_angle
 from bg.flows.chain import run_chain
@@ -59,6 +61,11 @@ _RESIDUES = ENCODING_VOCAB["full"][0]
 #: vocabulary of each identity field of an atom token: residue type, names of the atom and of its three
 #: reference atoms, element, number of bonds, torsion class (0 none, 1 rotatable, 2 sibling, 3 planar/ring)
 FIELD_VOCAB = (_RESIDUES, _NAMES + 1, _NAMES + 1, _NAMES + 1, _NAMES + 1, 119, 8, 4)
+#: the chemistry fields (``chemistry_tokens``): element × number of bonds × on a ring, of the atom and of its three
+#: reference atoms (0: no reference atom) — what a force field's atom class says, from the bond graph alone
+CHEMISTRY_VOCAB = (119 * 16,) * 4
+#: fields ``token_dropout`` may hide (residue type, atom names): those a never-seen residue may lack or misname
+DROPPABLE = (0, 1, 2, 3, 4)
 SLOTS = 3  # bond, angle, torsion of one placed atom
 TorsionPrior = Literal["uniform", "scan"]
 Harmonic = Literal["correlated", "independent"]
@@ -69,7 +76,8 @@ class AtomTokenLayout:
     """How a molecule's ``D`` free internal coordinates map onto ``T`` atom tokens.
 
     ``cell`` ``(D,)``: flat index token × 3 + slot (0 bond, 1 angle, 2 torsion) of each coordinate;
-    ``identity`` ``(T, len(FIELD_VOCAB))`` the token fields; ``positions`` ``(T,)`` residue index (rotary).
+    ``identity`` ``(T, len(FIELD_VOCAB) + len(CHEMISTRY_VOCAB))`` the token fields; ``positions`` ``(T,)`` residue
+    index (rotary).
     """
 
     cell: Tensor
@@ -86,14 +94,17 @@ def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) ->
     has_coordinates = {row["atom_indices"][0] for row in rows}
     placed = [a for a in representation.zmatrix.order.tolist() if a in has_coordinates]  # Z-matrix order
     token_of_atom = {a: t for t, a in enumerate(placed)}
-    identity = torch.zeros(len(placed), len(FIELD_VOCAB), dtype=torch.long)
+    identity = torch.zeros(len(placed), len(FIELD_VOCAB) + len(CHEMISTRY_VOCAB), dtype=torch.long)
     atoms = list(topology.atoms)
+    chemistry = [_chemistry_token(atom, neighbours) for atom in atoms]
+    c0 = len(FIELD_VOCAB)
     for a, t in token_of_atom.items():
         identity[t, 0] = tokens[a, 0]
         identity[t, 1] = tokens[a, 1]
         identity[t, 2:5] = _NAMES  # "no reference atom" until its coordinates say otherwise
         identity[t, 5] = atoms[a].element.atomic_number if atoms[a].element is not None else 0
         identity[t, 6] = min(len(neighbours[a]), 7)
+        identity[t, c0] = chemistry[a]
     cell = torch.empty(len(rows), dtype=torch.long)
     slot = {"bond": 0, "angle": 1, "torsion": 2}
     for row in rows:
@@ -102,11 +113,21 @@ def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) ->
         cell[row["index"]] = t * SLOTS + slot[row["kind"]]
         for k, r in enumerate(refs):
             identity[t, 2 + k] = tokens[r, 1]
+            identity[t, c0 + 1 + k] = chemistry[r]
         if row["kind"] == "torsion":
             p, d = refs[0], refs[2]
             identity[t, 7] = 1 if rotatable[row["index"]] else (2 if d in neighbours[p] else 3)
     positions = torch.tensor([atoms[a].residue.index - atoms[0].residue.index for a in placed], dtype=torch.long)
     return AtomTokenLayout(cell=cell, identity=identity, positions=positions)
+
+
+def _chemistry_token(atom, neighbours: list[set[int]]) -> int:
+    """Element × number of bonds (≤ 7) × whether the atom lies on a ring, as one token (≥ 16; see
+    ``CHEMISTRY_VOCAB``): leucine's CD1 (sp³ carbon, 4 bonds) and phenylalanine's CD1 (aromatic carbon, 3 bonds,
+    on a ring) share a name but not this."""
+    z = atom.element.atomic_number if atom.element is not None else 0
+    ring = any(bond_in_ring(neighbours, atom.index, n) for n in neighbours[atom.index])
+    return z * 16 + min(len(neighbours[atom.index]), 7) * 2 + int(ring)
 
 
 class AtomTokenConditioner(nn.Module):
@@ -116,17 +137,25 @@ class AtomTokenConditioner(nn.Module):
     Args:
         n_params: parameters per coordinate.
         width, depth, attention_dim: token width, GAU layers, GAU query/key width.
+        chemistry_tokens: add the chemistry fields (``CHEMISTRY_VOCAB``) to the tokens.
+        token_dropout: in training, each token's residue type and atom names (``DROPPABLE``) are each replaced
+            by the mean of the known rows (see :meth:`set_known`) with this probability, per sample, so that the
+            couplings learn to do without them — as they must for a residue never seen.
     """
 
-    def __init__(self, n_params: int, width: int = 64, depth: int = 2, attention_dim: int = 32):
+    def __init__(self, n_params: int, width: int = 64, depth: int = 2, attention_dim: int = 32,
+                 chemistry_tokens: bool = False, token_dropout: float = 0.0):
         super().__init__()
-        self.n_params = n_params
-        self.identity = nn.ModuleList(nn.Embedding(v, width) for v in FIELD_VOCAB)
+        if not 0.0 <= token_dropout < 1.0:
+            raise ValueError(f"token_dropout must be in [0, 1), got {token_dropout}")
+        self.n_params, self.token_dropout = n_params, token_dropout
+        vocab = FIELD_VOCAB + (CHEMISTRY_VOCAB if chemistry_tokens else ())
+        self.identity = nn.ModuleList(nn.Embedding(v, width) for v in vocab)
         for table in self.identity:
-            nn.init.normal_(table.weight, std=1.0 / math.sqrt(len(FIELD_VOCAB)))
-        for k, v in enumerate(FIELD_VOCAB):  # see set_known; all False: every row used as it is
+            nn.init.normal_(table.weight, std=1.0 / math.sqrt(len(vocab)))
+        for k, v in enumerate(vocab):  # see set_known; all False: every row used as it is
             self.register_buffer(f"known{k}", torch.zeros(v, dtype=torch.bool), persistent=False)
-        self._substitute = [False] * len(FIELD_VOCAB)  # fields with unknown rows (decided once, not per forward)
+        self._substitute = [False] * len(vocab)  # fields with unknown rows (decided once, not per forward)
         self.values = nn.Linear(SLOTS * 4, width)  # per slot: 3 features + "this slot is a free coordinate"
         self.layers = nn.ModuleList(GatedAttentionUnit(width, s=attention_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
@@ -140,7 +169,13 @@ class AtomTokenConditioner(nn.Module):
         grid[:, cell, :3] = features
         grid[:, cell, 3] = 1.0
         x = self.values(grid.view(b, t, SLOTS * 4))
-        x = x + sum(self._embed(k, identity[:, k]) for k in range(len(self.identity))).to(x.dtype)
+        embedded = [self._embed(k, identity[:, k]) for k in range(len(self.identity))]
+        x = x + sum(rows for rows, _ in embedded).to(x.dtype)
+        if self.training and self.token_dropout > 0:
+            # hidden field k of token t in sample b adds (mean_k − row_k): one batched product for all fields
+            delta = torch.stack([embedded[k][1] - embedded[k][0] for k in DROPPABLE], 1).to(x.dtype)  # (T, F, width)
+            hide = (torch.rand(b, t, len(DROPPABLE), device=x.device) < self.token_dropout).to(x.dtype)
+            x = x + torch.einsum("btf,tfw->btw", hide, delta)
         for layer in self.layers:
             x = layer(x, positions)
         out = self.out(self.norm(x)).view(b, t * SLOTS, self.n_params)
@@ -153,19 +188,22 @@ class AtomTokenConditioner(nn.Module):
         a gradient and is still the random initialisation, which a never-seen residue would otherwise pass to
         the couplings as noise. (Held-out Ace-L-Nme with a model trained on 15 other residues: ESS/n 0.0011 →
         0.0038, OpenMM, 3 × 5,000 samples.)"""
-        for k in range(len(FIELD_VOCAB)):
+        for k in range(len(self.identity)):
             known = getattr(self, f"known{k}")
             known.zero_()
             for identity in identities:
                 known[identity[:, k].to(known.device)] = True
             self._substitute[k] = bool(known.any()) and not bool(known.all())
 
-    def _embed(self, k: int, values: Tensor) -> Tensor:
+    def _embed(self, k: int, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeddings ``(T, width)`` of field ``k``'s ``values`` ``(T,)`` and the mean known row ``(width,)``
+        (all rows before :meth:`set_known`)."""
         weight = self.identity[k].weight
-        if self._substitute[k]:
-            known = getattr(self, f"known{k}")
-            weight = torch.where(known[:, None], weight, weight[known].mean(0))
-        return weight[values]
+        if not self._substitute[k]:
+            return weight[values], weight.mean(0)
+        known = getattr(self, f"known{k}")
+        mean = weight[known].mean(0)
+        return torch.where(known[values, None], weight[values], mean), mean
 
 
 class BoundConditioner(nn.Module):
@@ -245,12 +283,14 @@ class TransferableSplineFlow(nn.Module):
             ``"independent"`` (see module docstring).
         torsion_prior: ``"uniform"`` or ``"scan"``: where rotatable torsions start (see module docstring).
         scan_temperature, scan_floor: the scan density exp(−u/T) and its uniform share.
+        chemistry_tokens, token_dropout: see :class:`AtomTokenConditioner`.
     """
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
                  interval_width: float = 8.0, harmonic: Harmonic = "correlated", torsion_prior: TorsionPrior = "uniform",
-                 scan_temperature: float = 2.0, scan_floor: float = 0.2):
+                 scan_temperature: float = 2.0, scan_floor: float = 0.2, chemistry_tokens: bool = False,
+                 token_dropout: float = 0.0):
         super().__init__()
         check_choices(TransferableSplineFlow.__init__, dict(harmonic=harmonic, torsion_prior=torsion_prior))
         if scan_temperature <= 0 or not 0.0 < scan_floor <= 1.0:
@@ -262,7 +302,8 @@ class TransferableSplineFlow(nn.Module):
         self.backbone_layers, self.sidechain_layers = backbone_layers, sidechain_layers if split_channels else 0
         self.bins, self.coupling_masks, self.interval_width = bins, coupling_masks, interval_width
         self.conditioners = nn.ModuleList(
-            AtomTokenConditioner(3 * bins + 1, width=width, depth=depth, attention_dim=attention_dim)
+            AtomTokenConditioner(3 * bins + 1, width=width, depth=depth, attention_dim=attention_dim,
+                                 chemistry_tokens=chemistry_tokens, token_dropout=token_dropout)
             for _ in range(self.backbone_layers + self.sidechain_layers))
 
     def set_known(self, identities: list[Tensor]) -> None:
@@ -308,5 +349,5 @@ class TransferableSplineFlow(nn.Module):
         return flow.to(device=parameter.device)
 
 
-__all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "FIELD_VOCAB",
-           "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]
+__all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "CHEMISTRY_VOCAB",
+           "DROPPABLE", "FIELD_VOCAB", "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]

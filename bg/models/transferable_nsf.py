@@ -48,6 +48,9 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
             from the peptide's rigid force-field ``scan`` (exp(−u/T) with a uniform share ``scan_floor``;
             ``configs/peptides_nsf.yaml`` uses ``scan``; the default stays ``uniform`` so that checkpoints saved
             before the option existed load as they were trained).
+        chemistry_tokens, token_dropout: atom tokens that also carry element × bonds × ring membership of the atom
+            and its reference atoms, and the chance that a token's residue type or atom names are hidden in
+            training (``AtomTokenConditioner``); the defaults are what checkpoints saved before they existed hold.
         minimize_tolerance: kJ/mol/nm; each bound molecule's template is minimised to this before its Hessian.
         kl_batch_size: flow samples per energy-term evaluation.
         **kwargs: see ``BoltzmannGenerator``.
@@ -58,12 +61,12 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
                  interval_width: float = 8.0, harmonic: Harmonic = "correlated", torsion_prior: TorsionPrior = "uniform",
-                 scan_temperature: float = 2.0, scan_floor: float = 0.2, minimize_tolerance: float = 1.0,
-                 kl_batch_size: int = 256, **kwargs: Any):
+                 scan_temperature: float = 2.0, scan_floor: float = 0.2, chemistry_tokens: bool = False,
+                 token_dropout: float = 0.0, minimize_tolerance: float = 1.0, kl_batch_size: int = 256, **kwargs: Any):
         super().__init__(**kwargs)
         self.shared = TransferableSplineFlow(split_channels, backbone_layers, sidechain_layers, bins, width, depth,
                                              attention_dim, coupling_masks, interval_width, harmonic, torsion_prior,
-                                             scan_temperature, scan_floor)
+                                             scan_temperature, scan_floor, chemistry_tokens, token_dropout)
         self.init_transferable()
 
     def make_binding(self, system: MolecularSystem) -> Binding:
