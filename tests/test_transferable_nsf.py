@@ -15,7 +15,7 @@ from bg.coordinates import InternalCoordinates
 from bg.coordinates.harmonic import harmonic_geometry, rotatable_torsions
 from bg.energy import target_energy
 from bg.flows import CartesianDensity
-from bg.flows.transferable_nsf import DROPPABLE, FIELD_VOCAB, AtomTokenConditioner, TransferableSplineFlow, atom_token_layout
+from bg.flows.transferable_nsf import CHEMISTRY_ELEMENTS, DROPPABLE, FIELD_VOCAB, AtomTokenConditioner, TransferableSplineFlow, atom_token_layout
 from bg.models import TransferableNSF
 from datamodules import PeptideSetDataModule
 from tests.conftest import peptide_fit_overrides, predicted_folder
@@ -123,11 +123,13 @@ def test_chemistry_tokens_tell_rings_and_bond_counts_and_token_dropout_hides_nam
             t = int(layout.cell[row["index"]]) // 3
             for k, i in enumerate([a, *refs]):
                 atom = atoms[i]
-                expected = atom.element.atomic_number * 16 + graph.degree(atom) * 2 + (i in ring)
+                element = CHEMISTRY_ELEMENTS.index(atom.element.atomic_number) + 1
+                expected = 1 + element * 16 + graph.degree(atom) * 2 + (i in ring)
                 assert int(layout.identity[t, c0 + k]) == expected
         cd1 = [int(layout.cell[r["index"]]) // 3 for r in rep.coordinate_table() if r["atoms"][0].endswith(":CD1")]
         if sequence != "P":  # leucine's CD1 (sp³, 4 bonds, no ring) and phenylalanine's (aromatic) differ
-            assert int(layout.identity[cd1[0], c0]) == (6 * 16 + 8 if sequence == "L" else 6 * 16 + 6 + 1)
+            carbon = 1 + 2 * 16  # carbon is the second chemistry element
+            assert int(layout.identity[cd1[0], c0]) == (carbon + 8 if sequence == "L" else carbon + 6 + 1)
     assert ring and all(atoms[i].residue.name == "PRO" for i in ring)  # the proline ring: N, CA, CB, CG, CD
 
     torch.manual_seed(0)

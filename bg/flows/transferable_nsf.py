@@ -63,7 +63,8 @@ _RESIDUES = ENCODING_VOCAB["full"][0]
 FIELD_VOCAB = (_RESIDUES, _NAMES + 1, _NAMES + 1, _NAMES + 1, _NAMES + 1, 119, 8, 4)
 #: the chemistry fields (``chemistry_tokens``): element × number of bonds × on a ring, of the atom and of its three
 #: reference atoms (0: no reference atom) — what a force field's atom class says, from the bond graph alone
-CHEMISTRY_VOCAB = (119 * 16,) * 4
+CHEMISTRY_ELEMENTS = (1, 6, 7, 8, 16)  # H C N O S; any other element shares one "other" row
+CHEMISTRY_VOCAB = (1 + (len(CHEMISTRY_ELEMENTS) + 1) * 16,) * 4
 #: fields ``token_dropout`` may hide (residue type, atom names): those a never-seen residue may lack or misname
 DROPPABLE = (0, 1, 2, 3, 4)
 SLOTS = 3  # bond, angle, torsion of one placed atom
@@ -122,12 +123,13 @@ def atom_token_layout(representation: InternalCoordinates, rotatable: Tensor) ->
 
 
 def _chemistry_token(atom, neighbours: list[set[int]]) -> int:
-    """Element × number of bonds (≤ 7) × whether the atom lies on a ring, as one token (≥ 16; see
+    """Element × number of bonds (≤ 7) × whether the atom lies on a ring, as one token (≥ 1; see
     ``CHEMISTRY_VOCAB``): leucine's CD1 (sp³ carbon, 4 bonds) and phenylalanine's CD1 (aromatic carbon, 3 bonds,
     on a ring) share a name but not this."""
     z = atom.element.atomic_number if atom.element is not None else 0
+    element = CHEMISTRY_ELEMENTS.index(z) + 1 if z in CHEMISTRY_ELEMENTS else 0
     ring = any(bond_in_ring(neighbours, atom.index, n) for n in neighbours[atom.index])
-    return z * 16 + min(len(neighbours[atom.index]), 7) * 2 + int(ring)
+    return 1 + element * 16 + min(len(neighbours[atom.index]), 7) * 2 + int(ring)
 
 
 class AtomTokenConditioner(nn.Module):
@@ -349,5 +351,5 @@ class TransferableSplineFlow(nn.Module):
         return flow.to(device=parameter.device)
 
 
-__all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "CHEMISTRY_VOCAB",
-           "DROPPABLE", "FIELD_VOCAB", "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]
+__all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "CHEMISTRY_ELEMENTS",
+           "CHEMISTRY_VOCAB", "DROPPABLE", "FIELD_VOCAB", "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]
