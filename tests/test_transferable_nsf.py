@@ -158,12 +158,13 @@ def test_chemistry_tokens_tell_rings_and_bond_counts_and_token_dropout_hides_nam
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_peptide_set):
-    """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A."""
+    """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A (chemistry tokens, token dropout)."""
     tmp_path = tmp_path_factory.mktemp("transfer_nsf")
     loss = dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1, lr=1e-3, lr_end=1e-4),
                             kl=dict(weights={"nll": 1.0, "logvar": 0.5}, epochs=1, lr=1e-4)))
     model = dict(init_args=dict(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1, attention_dim=8,
-                                kl_batch_size=8, sample_batch_size=8, predict_samples=16))
+                                kl_batch_size=8, sample_batch_size=8, predict_samples=16, chemistry_tokens=True,
+                                token_dropout=0.25))
     small = peptide_fit_overrides(tmp_path, tiny_peptide_set, loss, model, n_samples=16, check_val_every_n_epoch=1)
     run(["fit", "--config", str(CONFIG), "--config", str(small)], tmp_path)
     return tmp_path, small
@@ -187,7 +188,7 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     assert len(npz["log_w"]) == 16 and np.isfinite(npz["log_q"]).all() and np.isfinite(npz["log_w"]).any()
 
     model = bg.load_generator(ckpt)
-    assert isinstance(model, TransferableNSF)
+    assert isinstance(model, TransferableNSF) and len(model.shared.conditioners[0].identity) == 12  # + chemistry
     dm = PeptideSetDataModule(str(spec), cache_dir=str(cache), batch_size=4)
     dm.setup("fit")
     x = dm.positions["train"][0][:4].double()
