@@ -3,6 +3,7 @@ intervals and base from each molecule's harmonic geometry (checked against MD); 
 `bg predict --data.sequence` of a third, sampling a fourth the set never held."""
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def test_a_bound_flow_starts_as_the_harmonic_approximation_and_inverts_for_any_p
         shared = TransferableSplineFlow(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1,
                                         attention_dim=8, harmonic=harmonic, torsion_prior=prior).double()
         torch.testing.assert_close(shared.bind(rep, geometry).log_prob(z), expected, rtol=1e-9, atol=1e-8)
+    unscanned = dataclasses.replace(geometry, torsion_energy=geometry.torsion_energy[:, :0])  # scan_points=0
+    with pytest.raises(ValueError, match="scan_points > 0"):
+        TransferableSplineFlow(torsion_prior="scan").bind(rep, unscanned)
 
     with torch.no_grad():  # away from the identity: sample, then evaluate, for two molecules with one set of weights
         for p in shared.parameters():

@@ -124,7 +124,8 @@ def harmonic_geometry(representation: InternalCoordinates, energy: Callable[[Ten
         positions: the minimised template.
         min_eigenvalue: eigenvalues of the Hessian below this (kT per unit²) are raised to it, so that a
             template slightly off its minimum, or a soft mode, gives a wide σ rather than none.
-        scan_points: grid points of each rotatable torsion's :func:`torsion_scan`.
+        scan_points: grid points of each rotatable torsion's :func:`torsion_scan`; 0: no scans
+            (``torsion_energy`` is then ``(R, 0)``).
     """
     if representation.reduced:
         raise ValueError("harmonic_geometry needs the full internal coordinates (reduced=False)")
@@ -143,7 +144,8 @@ def harmonic_geometry(representation: InternalCoordinates, energy: Callable[[Ten
     covariance = (vectors / values.clamp(min=min_eigenvalue)) @ vectors.T
     sigma = torch.full_like(centre, float("nan"))
     sigma[stiff] = covariance.diagonal().sqrt()
-    scan = torsion_scan(representation, energy, centre, rotatable, scan_points)
+    scan = (torsion_scan(representation, energy, centre, rotatable, scan_points) if scan_points > 0
+            else centre.new_zeros(int(rotatable.sum()), 0))
     centre = torch.where(representation.is_torsion, wrap_angle(centre), centre)
     return HarmonicGeometry(centre=centre, sigma=sigma, rotatable=rotatable, covariance=covariance,
                             torsion_energy=scan)

@@ -330,6 +330,9 @@ class TransferableSplineFlow(nn.Module):
         base = CoordinateBase(circular, low, high, bounded="truncated_normal", torsion="uniform")
         prior: list[nn.Module] = []
         if self.torsion_prior == "scan":
+            if geometry.torsion_energy.shape[-1] == 0:
+                raise ValueError("torsion_prior 'scan' needs the rigid torsion scans: make the geometry with "
+                                 "harmonic_geometry(..., scan_points > 0)")
             table = boltzmann_table(geometry.torsion_energy, self.scan_temperature, self.scan_floor)
             prior = [TabulatedCircular(geometry.rotatable, table)]
         if self.harmonic == "independent":

@@ -75,7 +75,8 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
         # the torch force field in float64 on the CPU: the Hessian needs double backward (OpenMM has none)
         energy = target_energy(system, backend="torch", compile=False)
         template = minimize_positions(system, tolerance=self.hparams.minimize_tolerance)
-        geometry = harmonic_geometry(representation, energy, template)
+        scans = 360 if self.hparams.torsion_prior == "scan" else 0  # 0.1–0.5 s per peptide, only where used
+        geometry = harmonic_geometry(representation, energy, template, scan_points=scans)
         flow = self.shared.bind(representation, geometry)
         density = CartesianDensity(representation.to(flow.kinds.device), flow)
         return Binding(system=system, density=density, target=self.new_target(system))
