@@ -205,10 +205,10 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     unknown = int(torch.nonzero(~conditioner.known0)[0])
     table = conditioner.identity[0].weight
     assert not conditioner.training  # loaded for sampling: no token dropout
-    torch.testing.assert_close(conditioner._embed(0, torch.tensor([unknown]))[0],
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([unknown])),
                                table[conditioner.known0].mean(0, True))
     known = int(torch.nonzero(conditioner.known0)[0])
-    torch.testing.assert_close(conditioner._embed(0, torch.tensor([known]))[0], table[[known]])
+    torch.testing.assert_close(conditioner._embed(0, torch.tensor([known])), table[[known]])
     model.bind("K")  # a residue the set never held: bound from its sequence alone
     torch.manual_seed(0)
     xs, log_q = model.sample(8)

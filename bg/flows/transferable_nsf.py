@@ -172,10 +172,10 @@ class AtomTokenConditioner(nn.Module):
         grid[:, cell, 3] = 1.0
         x = self.values(grid.view(b, t, SLOTS * 4))
         embedded = [self._embed(k, identity[:, k]) for k in range(len(self.identity))]
-        x = x + sum(rows for rows, _ in embedded).to(x.dtype)
+        x = x + sum(embedded).to(x.dtype)
         if self.training and self.token_dropout > 0:
             # hidden field k of token t in sample b adds (mean_k − row_k): one batched product for all fields
-            delta = torch.stack([embedded[k][1] - embedded[k][0] for k in DROPPABLE], 1).to(x.dtype)  # (T, F, width)
+            delta = torch.stack([self._mean_row(k) - embedded[k] for k in DROPPABLE], 1).to(x.dtype)  # (T, F, width)
             hide = (torch.rand(b, t, len(DROPPABLE), device=x.device) < self.token_dropout).to(x.dtype)
             x = x + torch.einsum("btf,tfw->btw", hide, delta)
         for layer in self.layers:
@@ -197,15 +197,17 @@ class AtomTokenConditioner(nn.Module):
                 known[identity[:, k].to(known.device)] = True
             self._substitute[k] = bool(known.any()) and not bool(known.all())
 
-    def _embed(self, k: int, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Embeddings ``(T, width)`` of field ``k``'s ``values`` ``(T,)`` and the mean known row ``(width,)``
-        (all rows before :meth:`set_known`)."""
+    def _mean_row(self, k: int) -> Tensor:
+        """The mean ``(width,)`` of field ``k``'s known rows (of all rows before :meth:`set_known`)."""
         weight = self.identity[k].weight
+        return weight[getattr(self, f"known{k}")].mean(0) if self._substitute[k] else weight.mean(0)
+
+    def _embed(self, k: int, values: Tensor) -> Tensor:
+        """Embeddings ``(T, width)`` of field ``k``'s ``values`` ``(T,)``, never-seen values as :meth:`_mean_row`."""
+        rows = self.identity[k].weight[values]
         if not self._substitute[k]:
-            return weight[values], weight.mean(0)
-        known = getattr(self, f"known{k}")
-        mean = weight[known].mean(0)
-        return torch.where(known[values, None], weight[values], mean), mean
+            return rows
+        return torch.where(getattr(self, f"known{k}")[values, None], rows, self._mean_row(k))
 
 
 class BoundConditioner(nn.Module):
