@@ -7,6 +7,9 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (one per core here; whole test files per worker, so a file's fixtures
+# are built once); 0 runs the tests in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow demo train data bench bench-nsf bench-ddp bench-tarflow bench-cnf bench-aldp clean
 
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

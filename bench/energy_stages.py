@@ -1,8 +1,9 @@
 """ESS against wall time for maximum likelihood and each energy stage, at equal budget.
 
-Trains the alanine dipeptide NSF of a config with a fixed mix of loss terms for a wall-clock budget
-(from scratch, or continuing a checkpoint), evaluating ESS/n of ``--samples`` flow samples judged by
-the torch force field every ``--eval-every`` seconds of training (evaluation time is not counted).
+Trains the alanine dipeptide generator of a config (any family: the model's ``class_path``) with a fixed
+mix of loss terms for a wall-clock budget (from scratch, or continuing a checkpoint), evaluating ESS/n of
+``--samples`` flow samples judged by the torch force field every ``--eval-every`` seconds of training
+(evaluation time is not counted).
 One row per call is appended to a JSON-lines file; ``--table`` renders the file as Markdown.
 
     python bench/energy_stages.py --config configs/aldp_nsf.yaml --terms nll=1 --lr 1e-3 \\
@@ -53,9 +54,10 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
     if init is not None:
         model = bg.load_generator(init)
     else:
-        from bg.models import SplitChannelNSF
+        import importlib
 
-        model = SplitChannelNSF(**cfg["model"]["init_args"])
+        module, name = cfg["model"]["class_path"].rsplit(".", 1)
+        model = getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"])
         model.build(dm.system, dm.positions["train"])
     return cfg, dm, model
 

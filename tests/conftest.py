@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one thread each (and in the `bg` subprocesses they
+    # start), or the two workers' torch thread pools fight over the same two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from bg.systems import MDSettings, aldp, load_md, simulate
 
@@ -52,11 +60,18 @@ def protein_md_dir(tmp_path_factory):
     (ACE-AAA-NME) when the shared folder is absent, and 12 frames of short local MD written by bg."""
     from bg.systems import build_capped_peptide, load_pdb
 
+    from filelock import FileLock
+
     villin = SHARED_DATA / "villin_1vii.pdb"
     system = load_pdb(villin) if villin.exists() else build_capped_peptide("AAA")
-    out = tmp_path_factory.mktemp("protein_md")
-    simulate(system, out, MDSettings(n_frames=12, steps_per_frame=20, equilibration_steps=50, chunk_frames=12),
-             progress=False)
+    # ~30 s of set-up: made once per test run, also when pytest-xdist workers share it (their base
+    # temporary folders have a common parent); a second caller finds the finished run and returns at once.
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = root / "protein_md"
+    with FileLock(str(root / "protein_md.lock")):
+        simulate(system, out, MDSettings(n_frames=12, steps_per_frame=20, equilibration_steps=50, chunk_frames=12),
+                 progress=False)
     return system, out
 
 
