@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import bg  # noqa: E402
 from bg.analysis import phi_psi  # noqa: E402
 from bg.sampling.ess import kish_ess  # noqa: E402
-from datamodules import MDDataModule  # noqa: E402
+from bench.md_reference import datamodule  # noqa: E402
 
 
 def data_and_model(config: Path, init: Path | None, model_options: dict | None = None,
@@ -41,14 +41,7 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["init_args"].update(model_options or {})
     cfg["data"]["init_args"].update(data_options or {})
-    data_args = dict(cfg["data"]["init_args"])
-    for key in ("md", "replica_exchange"):
-        if isinstance(data_args.get(key), dict):
-            from bg.systems import MDSettings
-            from bg.systems.replica_exchange import ReplicaExchangeSettings
-
-            data_args[key] = (MDSettings if key == "md" else ReplicaExchangeSettings)(**data_args[key])
-    dm = MDDataModule(**data_args)
+    dm = datamodule(cfg["data"]["init_args"])
     dm.prepare_data()
     dm.setup("fit")
     if init is not None:
@@ -129,6 +122,11 @@ def run(args: argparse.Namespace) -> dict:
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
 
+def fmt_ess(e: float) -> str:
+    """Three decimals, or two significant figures below 0.01 (a TarFlow's 2e-4 is not 0.000)."""
+    return f"{e:.3f}" if e >= 0.01 else f"{e:.1e}"
+
+
 def phi_range(row: dict) -> str:
     phi = row.get("phi_positive")  # rows written before the column existed have none
     return f"{phi[0]:.3f} → {phi[-1]:.3f}" if phi else "–"
@@ -142,10 +140,10 @@ def table(path: Path) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
-        pts = ", ".join(f"{t:.0f}: {e:.3f}" for t, _, _, e in c[1:])
+        pts = ", ".join(f"{t:.0f}: {fmt_ess(e)}" for t, _, _, e in c[1:])
         best = max(e for *_, e in c)
         out.append(f"| {r['label']} | {', '.join(f'{k} {v:g}' for k, v in r['terms'].items())} | {r['lr']:g} | "
-                   f"{c[0][3]:.3f} | {pts} | {c[-1][2]:,} | {best:.3f} | {phi_range(r)} |")
+                   f"{fmt_ess(c[0][3])} | {pts} | {c[-1][2]:,} | {fmt_ess(best)} | {phi_range(r)} |")
     out += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
     return "\n".join(out)
 

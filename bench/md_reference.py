@@ -14,12 +14,24 @@ from datamodules import MDDataModule
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def datamodule(data_args: dict) -> MDDataModule:
+    """An ``MDDataModule`` from a config's ``data.init_args`` as YAML reads them (the ``md`` and
+    ``replica_exchange`` sections as plain dicts, which LightningCLI would have turned into settings)."""
+    from bg.systems import MDSettings
+    from bg.systems.replica_exchange import ReplicaExchangeSettings
+
+    data_args = dict(data_args)
+    for key, cls in (("md", MDSettings), ("replica_exchange", ReplicaExchangeSettings)):
+        if isinstance(data_args.get(key), dict):
+            data_args[key] = cls(**data_args[key])
+    return MDDataModule(**data_args)
+
+
 def load_reference(data_config: str, model) -> tuple[MDDataModule, dict]:
     """The DataModule of ``data_config``'s ``data:`` section and the reference built from its test split
     (energies under ``model``'s target, φ/ψ atoms and angles, backbone distances) plus the val split's
     angles (``angles_val``), the other held-out block."""
-    data = yaml.safe_load((ROOT / data_config).read_text())["data"]["init_args"]
-    dm = MDDataModule(**data)
+    dm = datamodule(yaml.safe_load((ROOT / data_config).read_text())["data"]["init_args"])
     dm.prepare_data()
     dm.setup()
     top = model.topology
