@@ -47,10 +47,9 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
     if init is not None:
         model = bg.load_generator(init)
     else:
-        import importlib
+        from lightning.pytorch.cli import instantiate_class
 
-        module, name = cfg["model"]["class_path"].rsplit(".", 1)
-        model = getattr(importlib.import_module(module), name)(**cfg["model"]["init_args"])
+        model = instantiate_class((), cfg["model"])
         model.build(dm.system, dm.positions["train"])
     return cfg, dm, model
 
