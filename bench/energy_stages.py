@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             group["lr"] = lr
         idx = torch.randint(len(x), (batch,))
         opt.zero_grad()
-        loss = sum(w * getattr(model, f"term_{name}")(x[idx]).float() for name, w in terms.items() if w)
+        loss, _ = model.weighted_loss(x[idx], terms)
         if torch.isfinite(loss):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

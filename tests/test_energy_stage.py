@@ -136,3 +136,70 @@ def test_log_variance_ignores_the_unknown_normalising_constant(aldp_system, aldp
     assert values[1] == pytest.approx(values[0], rel=1e-6)
     assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6 * float(grads[0].abs().max()))
     assert values[2] != pytest.approx(values[0], rel=1e-3)
+
+
+def _trained_a_little(aldp_system, aldp_frames, tiny_nsf_kwargs, steps: int = 10):
+    """A tiny NSF after a few ML steps and, as its target, the untrained flow (−log q₀): weights spread by a
+    few nats, energies small enough that linlog_cut stays linear."""
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**{**tiny_nsf_kwargs, "kl_batch_size": 64})
+    model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
+    frozen = copy.deepcopy(model.density).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model.term_nll(torch.as_tensor(aldp_frames[:100], dtype=torch.float32)).backward()
+        opt.step()
+    model.target = lambda xs: -frozen.log_prob(xs)
+    return model, frozen
+
+
+def test_alpha2_reports_the_batch_ess_and_ignores_the_normalising_constant(aldp_system, aldp_frames,
+                                                                           tiny_nsf_kwargs):
+    """The α = 2 term's value is −log(ESS/n) of its flow samples (Kish, computed here from the target and the
+    sampling log q); shifting u by a constant changes neither value nor gradient; its gradient is
+    −Σ w̄² ∇ log q, which for equal weights would be the plain score mean."""
+    from bg.sampling.ess import kish_ess
+
+    model, frozen = _trained_a_little(aldp_system, aldp_frames, tiny_nsf_kwargs)
+    data = torch.as_tensor(aldp_frames[100:132], dtype=torch.float32)
+    energy = model.target
+    values, grads = [], []
+    for shift in (0.0, 57.0):
+        model.target = lambda xs, shift=shift: energy(xs) + shift
+        torch.manual_seed(9)
+        value = model.term_alpha2(data)
+        values.append(float(value.detach()))
+        grads.append(_grad(model, value))
+    torch.manual_seed(9)
+    xs, log_q = model.density.sample(model.hparams.kl_batch_size)
+    ess = float(kish_ess(frozen.log_prob(xs) - log_q))
+    assert 0.05 < ess < 0.99  # the weights are spread: a real test of the value
+    assert values[0] == pytest.approx(-torch.log(torch.tensor(ess)).item(), abs=2e-4)
+    assert values[1] == pytest.approx(values[0], abs=1e-6)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6 * float(grads[0].abs().max()))
+    # the gradient weights the samples by w² (normalised), not uniformly or by w
+    log_w = (frozen.log_prob(xs) - log_q).detach()
+    for power, should_match in ((2, True), (1, False)):
+        weights = torch.softmax(power * log_w, 0)
+        g = _grad(model, -(weights * model.density.log_prob(xs)).sum())
+        assert torch.allclose(g, grads[0], rtol=1e-3, atol=1e-4 * float(g.abs().max())) is should_match
+
+
+def test_logvar_and_alpha2_share_one_set_of_flow_samples_in_a_training_step(aldp_system, aldp_frames,
+                                                                             tiny_nsf_kwargs):
+    """Within a training step the two terms draw and evaluate the flow's samples once (energy evaluations:
+    kl_batch_size + the batch), and their losses add up to what each gives alone on the same samples."""
+    model, _ = _trained_a_little(aldp_system, aldp_frames, tiny_nsf_kwargs, steps=3)
+    data = torch.as_tensor(aldp_frames[100:132], dtype=torch.float32)
+    parts = {}
+    for term in ("logvar", "alpha2"):
+        torch.manual_seed(11)
+        parts[term] = float(getattr(model, f"term_{term}")(data).detach())
+    model.loss_weights = {"logvar": 1.0, "alpha2": 0.5}
+    before = model.energy_evaluations
+    torch.manual_seed(11)
+    loss, _ = model.weighted_loss(data)
+    assert model.energy_evaluations - before == model.hparams.kl_batch_size + len(data)
+    assert float(loss) == pytest.approx(parts["logvar"] + 0.5 * parts["alpha2"], rel=1e-5)
+    assert model._step_cache is None

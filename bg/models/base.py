@@ -17,6 +17,7 @@ see CONTRIBUTING.md.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -88,6 +89,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         self.guard = NonFiniteStepGuard(max_skipped_in_a_row)
         self._resume_rng: Tensor | None = None
         self.energy_evaluations = 0
+        self._step_cache: dict | None = None  # values shared by loss terms within one training step
         self.system: MolecularSystem | None = None
         self.target: LazyTargetEnergy | None = None
         self.density: CartesianDensity | None = None
@@ -227,6 +229,22 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
     # not own the gradient
     logvar_huber = 5.0
 
+    def _own_samples_and_data(self, x: Tensor) -> tuple[int, Tensor]:
+        """``kl_batch_size`` flow samples drawn without gradients, followed by the data frames ``x``: the number
+        of flow samples and log w = −u − log q ``(n + B,)`` (differentiable through log q only). Within a
+        training step it is computed once and shared by the terms that use it (``logvar``, ``alpha2``)."""
+        cache, key = self._step_cache, ("own_samples_and_data", id(x))
+        if cache is not None and key in cache:
+            return cache[key]
+        with torch.no_grad():
+            xs, _ = self.density.sample(self.hparams.kl_batch_size)
+            pool = torch.cat([xs, x.to(xs.dtype)])
+            u = self.training_energy(pool)
+        out = len(xs), -u - self.density.log_prob(pool)
+        if cache is not None:
+            cache[key] = out
+        return out
+
     def term_logvar(self, x: Tensor) -> Tensor:
         """Log-variance divergence (Richter et al. 2020): the spread of log w = −u − log q over ``kl_batch_size``
         flow samples drawn without gradients *and* the data frames ``x``, about its mean (Huber beyond
@@ -234,14 +252,27 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         near-lognormal weights, so this is the quantity the ESS reads. On flow samples its gradient is
         the reverse KL's (it pushes q down where q ≫ p, e.g. steric walls); on the data it pulls q up where
         q ≪ p (the rare basins) without the NLL's overfitting: its target there is −u, not a spike."""
-        with torch.no_grad():
-            xs, _ = self.density.sample(self.hparams.kl_batch_size)
-            pool = torch.cat([xs, x.to(xs.dtype)])
-            u = self.training_energy(pool)
-        log_w = -u - self.density.log_prob(pool)
+        _, log_w = self._own_samples_and_data(x)
         ok = self._finite(log_w, "logvar")
         d = log_w[ok] - log_w[ok].detach().mean()
         return torch.nn.functional.huber_loss(d, torch.zeros_like(d), delta=self.logvar_huber) * 2
+
+    def term_alpha2(self, x: Tensor) -> Tensor:
+        """The α = 2 divergence D₂(p‖q) = log E_q[(p/q)²], the objective of FAB (Midgley et al. 2023), by
+        importance sampling on the ``kl_batch_size`` flow samples that ``logvar`` uses (drawn without
+        gradients, so q_θ/q_old = 1 in value): its gradient is −Σ w̄²ᵢ ∇θ log q(xᵢ) with w̄² ∝ w², which pulls
+        q up where the samples are under-weighted: the upper tail of w, which is what sets the ESS
+        (n/ESS → E_q[w²]/E_q[w]² = exp D₂). The data frames ``x`` take no part (their state need not be the
+        target's). Value: −log(ESS/n) of the batch (nats; 0 when all weights are equal); no AIS, so its
+        gradient is only as good as the batch's own ESS — an addition to ``logvar``, not a stage alone."""
+        n, log_w = self._own_samples_and_data(x)
+        log_w = log_w[:n]
+        ok = self._finite(log_w, "alpha2")
+        a = log_w[ok]
+        b = a.detach()
+        surrogate = torch.logsumexp(a + b, dim=0)  # log Σ p̃² / (q_θ q_old): D₂ up to a constant
+        minus_log_ess = 2 * torch.logsumexp(b, 0) - torch.logsumexp(2 * b, 0) - math.log(len(b))
+        return surrogate - surrogate.detach() - minus_log_ess
 
     def term_nll_mcmc(self, x: Tensor) -> Tensor:
         """NLL of the flow's own samples after ``mcmc_steps`` Metropolis-adjusted Langevin steps targeting
@@ -300,16 +331,27 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             seed = hash((torch.initial_seed(), self.trainer.global_rank, self.trainer.global_step))
             torch.manual_seed(seed % 2**63)
 
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        x = batch[0]
+    def weighted_loss(self, x: Tensor, weights: dict[str, float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Σ weight · term(x) over ``weights`` (default: ``loss_weights``; zero weights skipped) as a float32
+        scalar, and each term's detached value keyed ``train/<term>``. The terms share their flow samples
+        (``logvar`` and ``alpha2`` draw and evaluate one set)."""
         loss = x.new_zeros((), dtype=torch.float32)
         logs = {}
-        for name, weight in self.loss_weights.items():
-            if weight == 0:
-                continue
-            value = getattr(self, f"term_{name}")(x)
-            logs[f"train/{name}"] = value.detach()
-            loss = loss + weight * value.float()
+        self._step_cache = {}
+        try:
+            for name, weight in (self.loss_weights if weights is None else weights).items():
+                if weight == 0:
+                    continue
+                value = getattr(self, f"term_{name}")(x)
+                logs[f"train/{name}"] = value.detach()
+                loss = loss + weight * value.float()
+        finally:
+            self._step_cache = None
+        return loss, logs
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x = batch[0]
+        loss, logs = self.weighted_loss(x)
         if not self.guard.check_loss(loss, logs, self.global_rank, self.global_step):
             return self.guard.nan_loss(self.parameters())
         logs["train/loss"] = loss.detach()

@@ -55,7 +55,7 @@ class SplitChannelNSF(BoltzmannGenerator):
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
     """
 
-    loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is", "logvar", "nll_mcmc")
+    loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is", "logvar", "alpha2", "nll_mcmc")
 
     def __init__(self, reduced: bool = True, split_channels: bool = True, conditioner: Conditioner = "gau",
                  backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8, width: int = 64, depth: int = 2,

@@ -74,7 +74,7 @@ class TarFlowGenerator(BoltzmannGenerator):
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling, sampler).
     """
 
-    loss_terms = ("nll", "kl", "kl_path", "fkl_is", "logvar", "nll_mcmc")
+    loss_terms = ("nll", "kl", "kl_path", "fkl_is", "logvar", "alpha2", "nll_mcmc")
     key_renames = {"flow.": "density.flow.net.", "representation.": "density.representation."}
 
     def __init__(self, channels: int = 128, blocks: int = 4, layers: int = 2, heads: int = 4, mlp_ratio: int = 4,
