@@ -54,10 +54,12 @@ def draw(model, openmm_u, n: int, seed: int, batch: int) -> dict:
             "log_w_torch": -u_torch - log_q, "max_abs_du": float(du)}
 
 
-def judge(label: str, ckpt: str, ref: dict, n: int, seed: int, batch: int, repeats: int = 1) -> dict:
+def judge(label: str, ckpt: str, ref: dict, n: int, seed: int, batch: int, repeats: int = 1,
+          weights: str = "averaged") -> dict:
     """ESS/n of each of ``repeats`` independent draws of ``n`` samples (a Kish ESS of heavy-tailed weights
-    varies a lot between draws); populations and W2 from all draws pooled."""
-    model = bg.load_generator(ckpt)
+    varies a lot between draws); populations and W2 from all draws pooled. ``weights``: see
+    ``bg.load_generator`` (EMA-trained checkpoints hold both)."""
+    model = bg.load_generator(ckpt, weights=weights)
     openmm_u = target_energy(model.system, backend="openmm", n_workers=0)
     draws = [draw(model, openmm_u, n, seed + k, batch) for k in range(repeats)]
     out = {"label": label, "checkpoint": ckpt, "n": n, "repeats": repeats,
@@ -96,20 +98,27 @@ def ess_cell(mean: float, draws: list[float], pooled: float) -> str:
     return f"{mean:.3f} ({min(draws):.3f}–{max(draws):.3f}; pooled {pooled:.3f})"
 
 
-def label_and_path(item: str) -> tuple[str, str]:
+def label_and_path(item: str) -> tuple[str, str, str]:
     """``label=path`` (Lightning's file names hold '=' too: the split is at the first '=' that leaves an
-    existing file) or a bare path (labelled by its file name)."""
+    existing file) or a bare path (labelled by its file name), optionally ending in ``@training`` or
+    ``@averaged`` (which weights of an EMA-trained checkpoint; default averaged) -> (label, path, weights)."""
+    weights = "averaged"
+    for choice in ("training", "averaged"):
+        if item.endswith("@" + choice):
+            item, weights = item[:-len(choice) - 1], choice
     if Path(item).exists():
-        return Path(item).name, item
+        return Path(item).name, item, weights
     for i, c in enumerate(item):
         if c == "=" and Path(item[i + 1:]).exists():
-            return item[:i], item[i + 1:]
+            return item[:i], item[i + 1:], weights
     raise FileNotFoundError(f"{item}: no checkpoint there (give label=path or a path)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", action="append", required=True, help="label=path (repeatable)")
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="label=path[@training|@averaged] (repeatable; @training: the optimizer's weights of a "
+                    "checkpoint trained with EMAWeightAveraging, default: the averaged ones)")
     ap.add_argument("--reference", default="bench/runs/aldp_reference/reference.pt",
                     help="reference.pt of bench/aldp_reference.py, or 'none' (ESS and reweighted populations only)")
     ap.add_argument("--samples", type=int, default=20_000)
@@ -121,8 +130,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ref = None if args.reference == "none" else torch.load(ROOT / args.reference, weights_only=False)
-    rows = [judge(*label_and_path(item), ref, args.samples, args.seed, args.batch, args.repeats)
-            for item in args.checkpoint]
+    rows = []
+    for item in args.checkpoint:
+        label, path, weights = label_and_path(item)
+        rows.append(judge(label, path, ref, args.samples, args.seed, args.batch, args.repeats, weights))
     cmd = "python bench/aldp_judge.py " + " ".join(f"--checkpoint {c}" for c in args.checkpoint) + \
         f" --samples {args.samples} --repeats {args.repeats} --reference {args.reference}"
     lines = [f"Machine: {platform.node()} (2 CPU cores, no GPU), torch {torch.__version__}. Command: `{cmd}`", ""]

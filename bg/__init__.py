@@ -7,11 +7,11 @@ Subpackages (dependencies point one way): ``bg.systems``, ``bg.energy``, ``bg.co
 __version__ = "0.1.0"
 
 
-def load_generator(ckpt_path, map_location="cpu", strict=True):
+def load_generator(ckpt_path, map_location="cpu", strict=True, weights="averaged"):
     """Load a trained generator from a checkpoint (see ``bg.models.loading.load_generator``)."""
     from bg.models.loading import load_generator as _load
 
-    return _load(ckpt_path, map_location=map_location, strict=strict)
+    return _load(ckpt_path, map_location=map_location, strict=strict, weights=weights)
 
 
 def evaluate(source, n=20000, reference=None, topology=None, **options):

@@ -19,6 +19,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+import bg
 from bg.models import SplitChannelNSF
 from callbacks import LossStages
 from datamodules import MDDataModule
@@ -127,6 +128,16 @@ def test_mid_epoch_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, 
     for a, b in zip(full_ema._average_model.parameters(), ema._average_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert model.loss_weights == full_model.loss_weights == STAGES["ml_kl"]["weights"]
+    # the checkpoint holds both weights; bg.load_generator gives the averaged ones unless asked for the others
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    averaged, training = bg.load_generator(last), bg.load_generator(last, weights="training")
+    for name, value in averaged.state_dict().items():
+        torch.testing.assert_close(value, saved["state_dict"][name], msg=name)
+        torch.testing.assert_close(training.state_dict()[name], saved["current_model_state"][name], msg=name)
+    assert any(not torch.equal(saved["state_dict"][k], saved["current_model_state"][k]) for k in saved["state_dict"])
+    with pytest.raises(ValueError, match="averaged"):
+        bg.load_generator(last, weights="ema")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
