@@ -2,8 +2,9 @@
 
 from bg.coordinates.cartesian import CartesianCoordinates, random_rotations
 from bg.coordinates.com import COM_CORRECTIONS, add_com_noise, centre_of_mass, centred, com_log_density
+from bg.coordinates.frame import FrameCoordinates, default_roots
 from bg.coordinates.internal import InternalCoordinates
 from bg.coordinates.zmatrix import ZMatrix, build_zmatrix, is_backbone_atom
 
-__all__ = ["COM_CORRECTIONS", "CartesianCoordinates", "add_com_noise", "centre_of_mass", "centred", "com_log_density", "InternalCoordinates", "ZMatrix", "build_zmatrix", "is_backbone_atom",
+__all__ = ["COM_CORRECTIONS", "CartesianCoordinates", "add_com_noise", "centre_of_mass", "centred", "com_log_density", "default_roots", "FrameCoordinates", "InternalCoordinates", "ZMatrix", "build_zmatrix", "is_backbone_atom",
            "random_rotations"]

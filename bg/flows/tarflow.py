@@ -218,3 +218,29 @@ class CartesianTarFlow(Flow):
     def log_prob(self, y: Tensor, context: Any = None) -> Tensor:
         y = y.double()
         return self.net_log_prob(y) - self.com_log_density(y, "gaussian")
+
+
+class FrameTarFlow(Flow):
+    """A TarFlow over body-frame coordinates ``(B, N − 2, 3)`` (``bg.coordinates.FrameCoordinates``): the
+    rigid-body motion is removed by the representation, so no CoM correction and no augmentation; log q
+    is the flow's own (float64).
+
+    Args:
+        n_atoms: N.
+        tokens: ``"atom"`` (N − 2 tokens of 3 numbers) or ``"coordinate"`` (3N − 6 tokens of 1).
+        **tarflow: ``channels``, ``blocks``, ``layers``, ``heads``, ``mlp_ratio``, ``max_log_scale`` of :class:`TarFlow`.
+    """
+
+    def __init__(self, n_atoms: int, tokens: Tokens = "atom", **tarflow: Any):
+        super().__init__()
+        check_choices(FrameTarFlow.__init__, dict(tokens=tokens))
+        self.shape = (n_atoms - 2, 3)
+        self.token_shape = self.shape if tokens == "atom" else (3 * n_atoms - 6, 1)
+        self.net = TarFlow(*self.token_shape, **tarflow)
+
+    def log_prob(self, y: Tensor, context: Any = None) -> Tensor:
+        return self.net.log_prob(y.to(self.dtype).reshape(len(y), *self.token_shape)).double()
+
+    def sample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        y, log_q = self.net.sample(n)
+        return y.reshape(n, *self.shape).double(), log_q.double()

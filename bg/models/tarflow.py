@@ -1,5 +1,6 @@
 """TarFlow on all-atom Cartesian coordinates as a Lightning module (Sequential Boltzmann Generators,
-Tan et al. 2025), made softly equivariant by augmentation.
+Tan et al. 2025), made softly equivariant by augmentation (``representation="cartesian"``) or working in
+the molecule's body frame (``"frame"``).
 
 Density: ``CartesianCoordinates`` (centred, divided by one global ``scale`` in nm, fitted as the RMS of
 the centred training coordinates unless given) and ``bg.flows.CartesianTarFlow`` (N tokens of 3
@@ -12,7 +13,13 @@ equivariant by construction.
 Loss terms: ``nll`` (maximum likelihood on augmented MD frames) and ``kl`` (reverse KL with
 reparameterised samples; expensive: the inverse is sequential).
 
-Densities: ``sample`` returns ``log_q = log q_flow(x) − log h(c) − 3(N−1)·log(scale)``, the Cartesian
+``representation="frame"``: ``bg.coordinates.FrameCoordinates`` (3N − 6 body-frame coordinates of three
+root atoms, standardised per entry) and ``bg.flows.FrameTarFlow``: rotations and translations are removed
+exactly, so there is no augmentation, no CoM noise and no CoM correction (``scale``, ``rotations``,
+``com_sigma`` and ``com_correction`` are unused), log q is an exact Cartesian density in the convention of
+the internal coordinates, and SMC moves Cartesian frames (the default ``bg.sampling.Proposal``).
+
+Densities (``"cartesian"``): ``sample`` returns ``log_q = log q_flow(x) − log h(c) − 3(N−1)·log(scale)``, the Cartesian
 density of the centred frame in the sense of extended-space importance sampling, so the usual
 ``log_w = −u − log_q`` are valid weights. ``log_prob`` of frames evaluates the flow at CoM 0 with the
 Gaussian correction. SMC particles (``proposal``, :class:`CoMProposal`) are flow samples in nm with
@@ -24,13 +31,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bg.coordinates import CartesianCoordinates, add_com_noise, centred
+from typing import Literal
+
+from bg.coordinates import CartesianCoordinates, FrameCoordinates, add_com_noise, centred
 from bg.coordinates.com import ComCorrection
-from bg.flows import CartesianDensity, CartesianTarFlow
+from bg.flows import CartesianDensity, CartesianTarFlow, FrameTarFlow
 from bg.flows.tarflow import Tokens
 from bg.models.base import BoltzmannGenerator
 from bg.sampling import Energy, Proposal
 from bg.systems import MolecularSystem
+
+
+Representation = Literal["cartesian", "frame"]
 
 
 class CoMProposal(Proposal):
@@ -65,7 +77,9 @@ class TarFlowGenerator(BoltzmannGenerator):
 
     Args:
         channels, blocks, layers, heads, mlp_ratio, max_log_scale: see ``bg.flows.TarFlow``.
-        tokens: ``"atom"`` (N tokens of 3) or ``"coordinate"`` (3N tokens of 1).
+        tokens: ``"atom"`` (N tokens of 3) or ``"coordinate"`` (3N tokens of 1); with ``"frame"`` N − 2 and 3N − 6.
+        representation: ``"cartesian"`` (centred frames with augmentation and CoM noise) or ``"frame"``
+            (body-frame coordinates; the four options below are then unused).
         scale: nm per flow unit; ``None`` fits it to the training frames (RMS of centred coordinates).
         rotations: a uniform random rotation per training frame (soft rotation equivariance).
         com_sigma: std of the CoM noise per axis in flow units; ``None``: 1/√N.
@@ -78,7 +92,8 @@ class TarFlowGenerator(BoltzmannGenerator):
     key_renames = {"flow.": "density.flow.net.", "representation.": "density.representation."}
 
     def __init__(self, channels: int = 128, blocks: int = 4, layers: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                 max_log_scale: float = 4.0, tokens: Tokens = "atom", scale: float | None = None, rotations: bool = True,
+                 max_log_scale: float = 4.0, tokens: Tokens = "atom", representation: Representation = "cartesian",
+                 scale: float | None = None, rotations: bool = True,
                  com_sigma: float | None = None, com_correction: ComCorrection = "gaussian", kl_batch_size: int = 128,
                  **kwargs):
         super().__init__(**kwargs)
@@ -89,17 +104,31 @@ class TarFlowGenerator(BoltzmannGenerator):
 
     def build_density(self, system: MolecularSystem) -> CartesianDensity:
         hp, n = self.hparams, system.topology.n_atoms
+        if hp.representation == "frame":
+            flow = FrameTarFlow(n, hp.tokens, channels=hp.channels, blocks=hp.blocks, layers=hp.layers, heads=hp.heads,
+                                mlp_ratio=hp.mlp_ratio, max_log_scale=hp.max_log_scale)
+            return CartesianDensity(FrameCoordinates(system.topology), flow)
         flow = CartesianTarFlow(n, hp.tokens, hp.com_sigma, hp.com_correction, channels=hp.channels, blocks=hp.blocks,
                                 layers=hp.layers, heads=hp.heads, mlp_ratio=hp.mlp_ratio, max_log_scale=hp.max_log_scale)
         return CartesianDensity(CartesianCoordinates(n, hp.scale), flow)
 
     @property
+    def framed(self) -> bool:
+        """Whether the flow works in the body frame (``representation="frame"``)."""
+        return self.hparams.representation == "frame"
+
+    @property
     def scale(self) -> Tensor:
-        """nm per flow unit (float64 scalar)."""
+        """nm per flow unit (float64 scalar; ``representation="cartesian"`` only)."""
+        if self.framed:
+            raise RuntimeError("a TarFlow in the body frame has no global scale (its coordinates are standardised "
+                                 "per entry: density.representation.mean/std)")
         return self.representation.scale
 
     @property
-    def proposal(self) -> CoMProposal:
+    def proposal(self) -> Proposal:
+        if self.framed:
+            return super().proposal
         return CoMProposal(self.density, self.sample_batch_size, name=type(self).__name__)
 
     def augment(self, x: Tensor) -> Tensor:
@@ -110,5 +139,7 @@ class TarFlowGenerator(BoltzmannGenerator):
         return add_com_noise(self.representation(x)[0], self.flow.com_sigma)
 
     def term_nll(self, x: Tensor) -> Tensor:
+        if self.framed:
+            return super().term_nll(x)
         xf = self.augment(x)
         return -(self.flow.log_prob(xf) - self.representation.log_scale(xf)).mean()
