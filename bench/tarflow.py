@@ -58,7 +58,7 @@ def main() -> None:
     val = dm.positions["val"].double()
     phi_q, psi_q = ref["phi_q"], ref["psi_q"]
 
-    # proposal samples with log q, timed; the flow samples are kept to compare CoM corrections
+    # proposal samples with log q, timed; the Cartesian flow's samples are kept to compare CoM corrections
     framed = getattr(model, "framed", False)  # body-frame TarFlow: no CoM, nothing to correct
     t0 = time.time()
     with torch.no_grad():
@@ -67,10 +67,9 @@ def main() -> None:
         else:
             parts = [model.flow.net_sample(min(model.sample_batch_size, args.samples - i))
                      for i in range(0, args.samples, model.sample_batch_size)]
+            xf, lqf = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            x = centred(xf * model.scale)
     t_sample = time.time() - t0
-    if not framed:
-        xf, lqf = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        x = centred(xf * model.scale)
     with torch.no_grad():
         u = torch.cat([model.energy(c) for c in x.split(2000)])
     ess_by_com = {}

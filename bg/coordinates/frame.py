@@ -33,13 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from bg.coordinates.com import centred
-from bg.coordinates.zmatrix import build_zmatrix
+from bg.coordinates.zmatrix import ZMatrix, build_zmatrix
 
 
-def default_roots(topology: md.Topology) -> tuple[int, int, int]:
-    """(a, b, c) atom indices from the Z-matrix's first three atoms: ``c`` is the third placed atom and
-    ``a`` the root it is bonded to, so a–b and a–c are bonds and the angle b–a–c is a bond angle."""
-    zm = build_zmatrix(topology)
+def default_roots(topology: md.Topology, zmatrix: ZMatrix | None = None) -> tuple[int, int, int]:
+    """(a, b, c) atom indices from the Z-matrix's first three atoms (``zmatrix``: the topology's, built when not
+    given): ``c`` is the third placed atom and ``a`` the root it is bonded to, so a–b and a–c are bonds and the
+    angle b–a–c is a bond angle."""
+    zm = zmatrix if zmatrix is not None else build_zmatrix(topology)
     first, second, third = (int(i) for i in zm.order[:3])
     a = int(zm.refs[2, 0])
     b = second if a == first else first
@@ -60,10 +61,11 @@ class FrameCoordinates(nn.Module):
         n = topology.n_atoms
         if n < 3:
             raise ValueError(f"FrameCoordinates needs at least 3 atoms, got {n}")
-        roots = tuple(int(i) for i in (roots if roots is not None else default_roots(topology)))
+        zm = build_zmatrix(topology)
+        roots = tuple(int(i) for i in (roots if roots is not None else default_roots(topology, zm)))
         if len(set(roots)) != 3 or not all(0 <= i < n for i in roots):
             raise ValueError(f"roots must be three distinct atom indices in [0, {n}), got {roots}")
-        order = [int(i) for i in build_zmatrix(topology).order if int(i) not in roots]
+        order = [int(i) for i in zm.order if int(i) not in roots]
         self.n_atoms, self.roots = n, roots
         self.register_buffer("others", torch.tensor(order, dtype=torch.long), persistent=False)
         # standardisation, fitted to data; buffers so that they travel with checkpoints
@@ -117,4 +119,3 @@ class FrameCoordinates(nn.Module):
         x[:, self.roots[2]] = torch.stack([cx, cy, zero], -1)
         x[:, self.others] = z[:, 1:]
         return centred(x), 3 * torch.log(r) + 2 * torch.log(cy) + torch.log(std).sum()
-

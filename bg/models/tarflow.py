@@ -28,10 +28,10 @@ their CoM kept, so the Langevin moves act on all 3N coordinates with the target 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
-
-from typing import Literal
 
 from bg.coordinates import CartesianCoordinates, FrameCoordinates, add_com_noise, centred
 from bg.coordinates.com import ComCorrection
@@ -104,12 +104,11 @@ class TarFlowGenerator(BoltzmannGenerator):
 
     def build_density(self, system: MolecularSystem) -> CartesianDensity:
         hp, n = self.hparams, system.topology.n_atoms
-        if hp.representation == "frame":
-            flow = FrameTarFlow(n, hp.tokens, channels=hp.channels, blocks=hp.blocks, layers=hp.layers, heads=hp.heads,
-                                mlp_ratio=hp.mlp_ratio, max_log_scale=hp.max_log_scale)
-            return CartesianDensity(FrameCoordinates(system.topology), flow)
-        flow = CartesianTarFlow(n, hp.tokens, hp.com_sigma, hp.com_correction, channels=hp.channels, blocks=hp.blocks,
-                                layers=hp.layers, heads=hp.heads, mlp_ratio=hp.mlp_ratio, max_log_scale=hp.max_log_scale)
+        net = dict(channels=hp.channels, blocks=hp.blocks, layers=hp.layers, heads=hp.heads, mlp_ratio=hp.mlp_ratio,
+                   max_log_scale=hp.max_log_scale)
+        if self.framed:
+            return CartesianDensity(FrameCoordinates(system.topology), FrameTarFlow(n, hp.tokens, **net))
+        flow = CartesianTarFlow(n, hp.tokens, hp.com_sigma, hp.com_correction, **net)
         return CartesianDensity(CartesianCoordinates(n, hp.scale), flow)
 
     @property
