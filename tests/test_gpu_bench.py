@@ -19,10 +19,32 @@ def test_gpu_bench_runs_every_family_at_toy_sizes(tmp_path):
     assert [r["family"] for r in rows] == list(gpu.FAMILIES)
     for row in rows:
         assert row["params"] > 0 and row["batch"] == gpu.TOY_BATCH and row["samples"] == gpu.TOY_SAMPLES
-        for key in ("train step (s)", "samples/s with log q", "energy frames/s"):
+        keys = ("train step (s)", "samples/s with log q", "energy frames/s")
+        if row["family"] != "cnf":  # the energy stage of the recipes (the CNF has none)
+            keys += ("energy step (s)",)
+        for key in keys:
             assert math.isfinite(row[key]) and row[key] > 0, (row["family"], key)
     text = out.read_text()
     assert text.count("\n| ") == 1 + len(rows) and "toy (--toy)" in text
+
+
+def test_a_failing_family_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    """On a leased device one family's error must not lose the others' figures: it lands in the table."""
+    measure = gpu.measure
+
+    def failing(family, *args, **kwargs):
+        if family == "nsf":
+            raise RuntimeError("CUDA error: out of memory")
+        return measure(family, *args, **kwargs)
+
+    monkeypatch.setattr(gpu, "measure", failing)
+    out = tmp_path / "gpu.md"
+    rows = gpu.main(["--toy", "--device", "cpu", "--repeats", "1", "--families", "nsf", "tarflow",
+                     "--out", str(out)])
+    assert rows[0] == {"family": "nsf", "error": "RuntimeError: CUDA error: out of memory"}
+    assert rows[1]["family"] == "tarflow" and rows[1]["energy step (s)"] > 0
+    text = out.read_text()
+    assert "| nsf | failed: RuntimeError: CUDA error: out of memory |" in text and "| tarflow | " in text
 
 
 def test_gpu_overlays_change_only_sizes_devices_and_batches():

@@ -38,6 +38,7 @@ def _match_small_groups(x1: Tensor, x0: Tensor, groups: list[Tensor]) -> Tensor:
     n = x1.shape[-2]
     index = torch.arange(n, device=x1.device).expand(*x1.shape[:-1]).clone()
     for g in groups:
+        g = g.to(x1.device)  # the model keeps its groups on the CPU
         perms = torch.tensor(list(itertools.permutations(range(len(g)))), device=x1.device)  # (P, g)
         cand = g[perms]  # (P, g): atoms of x1 placed at g
         d = (x1[..., cand, :] - x0[..., g, :].unsqueeze(-3)).square().sum((-1, -2))  # (..., P)
