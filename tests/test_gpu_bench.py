@@ -56,3 +56,33 @@ def test_gpu_overlays_change_only_sizes_devices_and_batches():
         for section in ("model", "data"):
             assert set(overlay[section]["init_args"]) <= set(cpu[section]["init_args"]), (family, section)
         assert set(overlay["trainer"]) <= {"accelerator", "devices", "precision"}
+
+
+def test_the_gpu_long_recipe_layers_over_the_cpu_one(tmp_path):
+    """configs/gpu/aldp_nsf_long.yaml through the real LightningCLI parser over the CPU recipe (accelerator set
+    to the CPU here): its stages fill max_epochs exactly, and only batch sizes, stages and the guard change."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import Timer
+
+    from bg.lightning_cli import BGCLI
+    from bg.models import SplitChannelNSF
+    from callbacks import LossStages
+    from datamodules import MDDataModule
+
+    overlay = ROOT / "configs" / "gpu" / "aldp_nsf_long.yaml"
+    cli = BGCLI(args=["--config", str(ROOT / "configs" / "aldp_nsf_long.yaml"), "--config", str(overlay),
+                      "--trainer.accelerator=cpu", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                model_class=SplitChannelNSF.__mro__[1], datamodule_class=MDDataModule.__mro__[1],
+                subclass_mode_model=True, subclass_mode_data=True, run=False)
+    stages = next(c for c in cli.trainer.callbacks if isinstance(c, LossStages)).stages
+    assert sum(s.epochs for s in stages) == cli.trainer.max_epochs == 120
+    assert stages[-1].weights == {"logvar": 1.0, "alpha2": 1.0}
+    assert cli.model.hparams.kl_batch_size == 2048 and cli.datamodule.batch_size == 1024
+    timer = next(c for c in cli.trainer.callbacks if isinstance(c, Timer))  # how Lightning keeps max_time
+    assert timer._duration == timedelta(minutes=8).total_seconds()
+    cpu = yaml.safe_load((ROOT / "configs" / "aldp_nsf_long.yaml").read_text())
+    layer = yaml.safe_load(overlay.read_text())
+    assert set(layer["model"]["init_args"]) <= set(cpu["model"]["init_args"])
+    assert set(layer["data"]["init_args"]) <= set(cpu["data"]["init_args"])
