@@ -81,7 +81,11 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, aldp_data_args, tin
         # every one of them by far more.
         rel = 1e-2 if k == "val/ess" or k.endswith("_reweighted") else 1e-4
         assert two[k] == pytest.approx(one[k], rel=rel, abs=1e-7), (k, one[k], two[k])
-    assert 1.5 / 384 <= one["val/ess"] <= 1  # more than one sample carries the weight: the ESS compared is not 1/n
+    # More than one sample carries weight (all of it on one sample gives exactly 1/n): the ESS compared is not the
+    # degenerate value. The tiny flow's ESS after the warm-up is near that floor and depends on the CPU's rounding
+    # (measured: > 1.5/n on an AMD EPYC VM, 1.21/n on an Intel Xeon VM, 2026-12-04), hence a strict bound at 1/n;
+    # whether the two runs gather all 384 samples is still decided by the comparison above (192 give 2× the ESS/n).
+    assert 1 / 384 * (1 + 1e-3) < one["val/ess"] <= 1
 
 
 def test_evaluation_chunks_are_the_same_samples_for_any_world_size():
