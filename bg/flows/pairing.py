@@ -38,7 +38,7 @@ def _match_small_groups(x1: Tensor, x0: Tensor, groups: list[Tensor]) -> Tensor:
     n = x1.shape[-2]
     index = torch.arange(n, device=x1.device).expand(*x1.shape[:-1]).clone()
     for g in groups:
-        g = g.to(x1.device)  # the model keeps its groups on the CPU
+        g = g.to(x1.device)
         perms = torch.tensor(list(itertools.permutations(range(len(g)))), device=x1.device)  # (P, g)
         cand = g[perms]  # (P, g): atoms of x1 placed at g
         d = (x1[..., cand, :] - x0[..., g, :].unsqueeze(-3)).square().sum((-1, -2))  # (..., P)
@@ -81,7 +81,8 @@ def equivariant_ot_pairs(x0: Tensor, x1: Tensor, groups: list[Tensor], chunk: in
 
     Cost: B² Kabsch alignments and exhaustive matching of small groups (vectorised); large groups are
     matched after the assignment (see ``MAX_BRUTE_FORCE_GROUP``). ``chunk``: pair within consecutive
-    chunks of this many samples (chunk·B instead of B² alignments; the batch is in random order)."""
+    chunks of this many samples (chunk·B instead of B² alignments; the batch is in random order). ``groups``:
+    atom-index tensors on any device (the models keep them on the CPU)."""
     b = len(x0)
     if chunk is not None and chunk < b:
         parts = [equivariant_ot_pairs(a, c, groups) for a, c in zip(x0.split(chunk), x1.split(chunk))]
