@@ -108,7 +108,7 @@ def _analyze(args: argparse.Namespace) -> int:
         native = md.load(args.native)
     report = bg.evaluate(args.source, n=args.samples, reference=args.reference, topology=args.topology,
                          native=native, energy=args.energy, bins=args.bins, n_boot=args.bootstrap,
-                         min_ess=args.min_ess, seed=args.seed)
+                         min_ess=args.min_ess, seed=args.seed, weights=args.weights)
     stem = Path(args.source).stem if not Path(args.source).is_dir() else Path(args.source).name
     out = Path(args.out or f"analysis/{stem}_{time.strftime('%Y%m%d-%H%M%S')}")
     report.save(out, figures=not args.no_figures)
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--native", default=None, help="native structure (PDB): adds RMSD, Q and Rg as observables")
     an.add_argument("--energy", choices=["model", "torch", "openmm"], default="model",
                     help="energy that judges the samples (default: the model's own target)")
+    an.add_argument("--weights", choices=["averaged", "training"], default="averaged",
+                    help="of a checkpoint trained with weight averaging (EMA): the averaged weights (default) or the "
+                         "optimizer's own")
     an.add_argument("--bins", type=int, default=36, help="bins per dimension of the free-energy surfaces")
     an.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (weighted samples)")
     an.add_argument("--min-ess", type=float, default=100.0,

@@ -345,14 +345,18 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 2000,
     label: str | None = None,
+    weights: Literal["averaged", "training"] = "averaged",
 ) -> Report:
     """Evaluate a generator (a checkpoint path or a loaded module: ``n`` samples drawn and weighed) or a
     ``predict`` samples folder, optionally against ``reference`` MD (trajectory files — each one
     independent, time-ordered run — with ``topology``, or ``mdtraj.Trajectory`` objects). ``states``
     defaults to the φ/ψ basins of a single-residue peptide, ``observables`` to RMSD/Q/Rg when ``native``
     is given. ``energy`` judges generator samples: the model's own target, or ``torch``/``openmm`` anew.
-    No Trainer is involved. Returns a :class:`Report`."""
+    ``weights``: of a checkpoint trained with weight averaging (EMA), the averaged weights or the optimizer's own
+    (:func:`bg.load_generator`). No Trainer is involved. Returns a :class:`Report`."""
     warnings: list[str] = []
+    if weights != "averaged" and not (isinstance(source, (str, Path)) and Path(source).is_file()):
+        raise ValueError(f"weights={weights!r} selects weights of a checkpoint file; {source!r} is not one")
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         traj, arrays, stats = load_samples(source)
         log_w = torch.as_tensor(arrays["log_w"], dtype=torch.float64)
@@ -361,7 +365,7 @@ def evaluate(
     else:
         from bg import load_generator
 
-        model = load_generator(source) if isinstance(source, (str, Path)) else source
+        model = load_generator(source, weights=weights) if isinstance(source, (str, Path)) else source
         out, energy_name = _draw(model, n, energy, seed, batch_size)
         traj = md.Trajectory(out["x"].detach().cpu().numpy().astype(np.float32), model.system.topology)
         log_w, stats = out["log_w"].detach().cpu().double(), {}

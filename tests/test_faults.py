@@ -138,6 +138,13 @@ def test_mid_epoch_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, 
     assert any(not torch.equal(saved["state_dict"][k], saved["current_model_state"][k]) for k in saved["state_dict"])
     with pytest.raises(ValueError, match="averaged"):
         bg.load_generator(last, weights="ema")
+    # bg analyze judges either set: the same draw as the loaded training weights, not the averaged ones
+    report = bg.evaluate(last, n=64, weights="training", n_boot=10, seed=3)
+    for other, same in ((training, True), (averaged, False)):
+        mine = bg.evaluate(other, n=64, n_boot=10, seed=3)
+        assert (report.sampling["ess"]["value"] == mine.sampling["ess"]["value"]) is same
+    with pytest.raises(ValueError, match="checkpoint file"):
+        bg.evaluate(training, n=64, weights="training")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

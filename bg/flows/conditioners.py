@@ -149,6 +149,11 @@ class GAUConditioner(nn.Module):
         slot_kind = torch.zeros(n_tokens * n_slots, n_kinds)
         slot_kind[self.cell, kinds] = 1.0
         self.register_buffer("slot_kind", slot_kind.view(n_tokens, n_slots * n_kinds))
+        # the coordinate in each (token, slot) cell, or d (a zero row) where the cell is empty: the grid is one
+        # index_select (cheaper on CPU than writing into a zero grid); derived from ``cell``, so not saved
+        source = torch.full((n_tokens * n_slots,), d, dtype=torch.long)
+        source[self.cell] = torch.arange(d)
+        self.register_buffer("_source", source, persistent=False)
         self.embed = nn.Linear(n_slots * (3 + n_kinds), width)
         # Absolute position of the token's residue: fixed sinusoids, learned per residue, or none.
         self.register_buffer("position", sinusoidal(positions, width) if absolute == "sinusoidal"
@@ -165,8 +170,7 @@ class GAUConditioner(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         b = features.shape[0]
-        grid = features.new_zeros(b, self.n_tokens * self.n_slots, features.shape[-1])
-        grid[:, self.cell] = features
+        grid = torch.cat([features, features.new_zeros(b, 1, features.shape[-1])], 1).index_select(1, self._source)
         grid = rearrange(grid, "b (t s) f -> b t (s f)", t=self.n_tokens)  # one token: its slots side by side
         tokens = torch.cat([grid, self.slot_kind.to(features.dtype).expand(b, -1, -1)], -1)
         x = self.embed(tokens) + self.position.to(features.dtype)
@@ -176,4 +180,4 @@ class GAUConditioner(nn.Module):
         for layer in self.layers:
             x = layer(x, positions)
         out = rearrange(self.out(self.norm(x)), "b t (s p) -> b (t s) p", p=self.n_params)
-        return out[:, self.cell]
+        return out.index_select(1, self.cell)
