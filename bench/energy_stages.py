@@ -76,13 +76,11 @@ def run(args: argparse.Namespace) -> dict:
     options = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.model.split(";"))} if args.model else {}
     if options and args.init:
         raise SystemExit("--model sets the options of a new flow; a checkpoint given by --init keeps its own "
-                         "(--kl-batch-size and --replay-size apply to both)")
+                         "(--kl-batch-size applies to both)")
     data = {k: yaml.safe_load(v) for k, v in (item.split("=") for item in args.data.split(";"))} if args.data else {}
     cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options, data)
     if args.kl_batch_size:
         model.hparams.kl_batch_size = args.kl_batch_size
-    if args.replay_size is not None:
-        model.hparams.replay_size = args.replay_size
     terms = parse_terms(args.terms)
     model.check_loss_weights(terms)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -121,8 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                 "pytorch-lightning_version": L.__version__}
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
-    return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size,
-            "replay_size": model.hparams.get("replay_size", 0), "init": args.init, "curve": curve,
+    return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
             "phi_positive": phi_positive,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
@@ -164,8 +161,6 @@ def main() -> None:
     p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")
     p.add_argument("--clip", type=float, default=100.0)
     p.add_argument("--kl-batch-size", type=int, default=None, help="flow samples per energy-term estimate")
-    p.add_argument("--replay-size", type=int, default=None,
-                   help="heaviest flow samples kept across steps in the logvar pool (the model's replay_size)")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between ESS evaluations")
     p.add_argument("--samples", type=int, default=5000)

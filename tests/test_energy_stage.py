@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from bg.models import SplitChannelNSF, TransferableNSF
+from bg.models import SplitChannelNSF
 
 
 @pytest.fixture(scope="module")
@@ -203,58 +203,3 @@ def test_logvar_and_alpha2_share_one_set_of_flow_samples_in_a_training_step(aldp
     assert model.energy_evaluations - before == model.hparams.kl_batch_size + len(data)
     assert float(loss) == pytest.approx(parts["logvar"] + 0.5 * parts["alpha2"], rel=1e-5)
     assert model._step_cache is None
-
-
-def test_replay_keeps_the_heaviest_flow_samples_and_adds_them_to_the_logvar_pool(aldp_system, aldp_frames,
-                                                                                tiny_nsf_kwargs):
-    """``replay_size`` K: after a step the buffer holds the K samples of the fresh draw and the old buffer with the
-    largest log w under the current q; the next step's log-variance is taken over fresh samples, data and buffer
-    (K more energy evaluations); evaluation leaves it out; a checkpoint carries it."""
-    model, frozen = _trained_a_little(aldp_system, aldp_frames, tiny_nsf_kwargs)
-    model.hparams.replay_size = k = 8
-    n = model.hparams.kl_batch_size
-    data = torch.as_tensor(aldp_frames[100:132], dtype=torch.float32)
-
-    def log_w(x):
-        with torch.no_grad():
-            return frozen.log_prob(x) - model.density.log_prob(x)
-
-    before = model.energy_evaluations
-    torch.manual_seed(12)
-    model.term_logvar(data)
-    assert model.energy_evaluations - before == n + len(data)  # nothing kept yet
-    torch.manual_seed(12)
-    xs, _ = model.density.sample(n)
-    assert model.replay.shape == (k, *xs.shape[1:])
-    torch.testing.assert_close(log_w(model.replay).sort().values, log_w(xs).topk(k).values.sort().values)
-    assert log_w(model.replay).min() > log_w(xs).median()
-
-    kept = model.replay.clone()
-    before = model.energy_evaluations
-    torch.manual_seed(13)
-    value = model.term_logvar(data)
-    assert model.energy_evaluations - before == n + len(data) + k
-    torch.manual_seed(13)
-    fresh, _ = model.density.sample(n)
-    pool = log_w(torch.cat([fresh, data.to(fresh.dtype), kept]))
-    expected = 2 * torch.nn.functional.huber_loss(pool - pool.mean(), torch.zeros_like(pool), delta=model.logvar_huber)
-    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-4)
-    candidates = torch.cat([log_w(fresh), log_w(kept)])
-    torch.testing.assert_close(log_w(model.replay).sort().values, candidates.topk(k).values.sort().values)
-
-    checkpoint = {}
-    model.on_save_checkpoint(checkpoint)
-    restored = copy.deepcopy(model)
-    restored.replay = None
-    restored.on_load_checkpoint(checkpoint)
-    assert torch.equal(restored.replay, model.replay)
-
-    model.eval()
-    before = model.energy_evaluations
-    model.term_logvar(data)
-    assert model.energy_evaluations - before == n + len(data)
-    model.train()
-    with pytest.raises(ValueError, match="replay_size"):
-        SplitChannelNSF(**{**tiny_nsf_kwargs, "replay_size": -1})
-    with pytest.raises(ValueError, match="one molecule"):
-        TransferableNSF(replay_size=k)

@@ -150,7 +150,7 @@ class GAUConditioner(nn.Module):
         slot_kind[self.cell, kinds] = 1.0
         self.register_buffer("slot_kind", slot_kind.view(n_tokens, n_slots * n_kinds))
         # the coordinate in each (token, slot) cell, or d (a zero row) where the cell is empty: the grid is one
-        # index_select (cheaper on CPU than writing into a zero grid); derived from ``cell``, so not saved
+        # index_select instead of a write into a zero grid; derived from ``cell``, so not saved
         source = torch.full((n_tokens * n_slots,), d, dtype=torch.long)
         source[self.cell] = torch.arange(d)
         self.register_buffer("_source", source, persistent=False)

@@ -62,10 +62,6 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             optimizer update, counted as ``train/skipped_steps``); this many in a row stop the run.
         mcmc_steps, mcmc_step_size: Metropolis-adjusted Langevin steps (step size h in nm²; the move is
             −h∇u + √(2h)ξ) that refine the flow's samples towards exp(−u) in the ``nll_mcmc`` term.
-        replay_size: flow samples with the largest importance weights kept from step to step and added to the
-            ``logvar`` pool (0: none). Such samples lie where q is too low — the upper tail of the weights that
-            sets the ESS; each stays (re-weighed with the current q and ranked against the fresh draw) until q
-            has risen there. The divergence keeps its minimum at q ∝ exp(−u) whatever the pool holds.
 
     Batch sizes are per device (DataModule ``batch_size``, ``w2_batch_size``, ``kl_batch_size``);
     ``predict_samples`` and the evaluation callbacks' ``n_samples`` are totals over all ranks.
@@ -78,7 +74,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
                  optimizer: Optimizer = "adamw", energy_backend: Backend = "auto", energy_compile: bool = False,
                  energy_cut: float = 1e3, energy_workers: int = 0, sample_batch_size: int = 1000,
                  predict_samples: int = 10_000, sampler: Sampler | None = None, max_skipped_in_a_row: int = 20,
-                 mcmc_steps: int = 20, mcmc_step_size: float = 1e-6, replay_size: int = 0):
+                 mcmc_steps: int = 20, mcmc_step_size: float = 1e-6):
         super().__init__()
         # every family's options and these, in one place (the frames of the subclasses' __init__ included)
         self.save_hyperparameters(ignore=["sampler"])
@@ -94,9 +90,6 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         self._resume_rng: Tensor | None = None
         self.energy_evaluations = 0
         self._step_cache: dict | None = None  # values shared by loss terms within one training step
-        if replay_size < 0:
-            raise ValueError(f"replay_size={replay_size}: must be ≥ 0")
-        self.replay: Tensor | None = None  # (≤ replay_size, N, 3) nm: the heaviest flow samples so far
         self.system: MolecularSystem | None = None
         self.target: LazyTargetEnergy | None = None
         self.density: CartesianDensity | None = None
@@ -243,28 +236,14 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         cache, key = self._step_cache, ("own_samples_and_data", id(x))
         if cache is not None and key in cache:
             return cache[key]
-        replay = self.training and self.hparams.get("replay_size", 0) > 0
         with torch.no_grad():
             xs, _ = self.density.sample(self.hparams.kl_batch_size)
-            kept = self.replay if replay and self.replay is not None else xs[:0]
-            pool = torch.cat([xs, x.to(xs.dtype), kept.to(xs)])
+            pool = torch.cat([xs, x.to(xs.dtype)])
             u = self.training_energy(pool)
-        log_w = -u - self.density.log_prob(pool)
-        if replay:
-            self._update_replay(xs, kept.to(xs), log_w.detach()[: len(xs)], log_w.detach()[len(pool) - len(kept):])
-        out = len(xs), log_w
+        out = len(xs), -u - self.density.log_prob(pool)
         if cache is not None:
             cache[key] = out
         return out
-
-    def _update_replay(self, fresh: Tensor, kept: Tensor, log_w_fresh: Tensor, log_w_kept: Tensor) -> None:
-        """Keep the ``replay_size`` samples of ``fresh`` and ``kept`` with the largest log w (both weighed
-        with the current q in this step, so they rank on one scale; non-finite ones never kept)."""
-        candidates = torch.cat([fresh, kept])
-        score = torch.cat([log_w_fresh, log_w_kept])
-        score = score.masked_fill(~torch.isfinite(score), -math.inf)
-        k = min(self.hparams.replay_size, int(torch.isfinite(score).sum()))
-        self.replay = candidates[score.topk(k).indices].detach() if k > 0 else None
 
     def term_logvar(self, x: Tensor) -> Tensor:
         """Log-variance divergence (Richter et al. 2020): the spread of log w = −u − log q over ``kl_batch_size``

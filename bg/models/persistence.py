@@ -50,8 +50,6 @@ class CheckpointHooks:
         checkpoint["bg_skipped_steps"] = self.guard.skipped
         checkpoint["bg_energy_evaluations"] = self.energy_evaluations
         checkpoint["bg_rng_state"] = torch.get_rng_state()  # an exact single-device resume
-        if getattr(self, "replay", None) is not None:
-            checkpoint["bg_replay"] = self.replay.detach().cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restore_molecule(checkpoint)
@@ -61,6 +59,4 @@ class CheckpointHooks:
         self.guard.skipped = int(checkpoint.get("bg_skipped_steps", 0))
         self.energy_evaluations = int(checkpoint.get("bg_energy_evaluations", 0))
         self._resume_rng = checkpoint.get("bg_rng_state")
-        replay = checkpoint.get("bg_replay")
-        self.replay = replay.to(self.device) if replay is not None else None
 

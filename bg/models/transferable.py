@@ -49,9 +49,6 @@ class TransferableGenerator:
     prebind_buffers: tuple[str, ...] = ()
 
     def init_transferable(self) -> None:
-        if self.hparams.get("replay_size", 0):
-            raise ValueError("replay_size: the replay buffer holds one molecule's samples; a transferable generator "
-                             "trains on many (leave it at 0)")
         #: the peptides the model trains on and the force field and temperature of new ones (``bg_peptides``)
         self.peptides: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
