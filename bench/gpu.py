@@ -62,14 +62,14 @@ def merged_config(family: str, toy: bool, base: Path | None = None, overlay: boo
     ``overlay=False``: the base as it is, with the torch force field)."""
     config = yaml.safe_load((base or ROOT / "configs" / f"aldp_{family}.yaml").read_text())
     if toy:
-        overlay = {"model": {"init_args": dict(TOY[family], energy_backend="torch")},
-                   "data": {"init_args": {"batch_size": TOY_BATCH}}}
+        layer = {"model": {"init_args": dict(TOY[family], energy_backend="torch")},
+                 "data": {"init_args": {"batch_size": TOY_BATCH}}}
     elif overlay:
-        overlay = yaml.safe_load((ROOT / "configs" / "gpu" / f"aldp_{family}.yaml").read_text())
+        layer = yaml.safe_load((ROOT / "configs" / "gpu" / f"aldp_{family}.yaml").read_text())
     else:
-        overlay = {"model": {"init_args": {"energy_backend": "torch"}}}
+        layer = {"model": {"init_args": {"energy_backend": "torch"}}}
     for section in ("model", "data"):
-        config[section]["init_args"].update(overlay.get(section, {}).get("init_args", {}))
+        config[section]["init_args"].update(layer.get(section, {}).get("init_args", {}))
     return config
 
 
