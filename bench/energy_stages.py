@@ -67,6 +67,21 @@ def ess(model, n: int, seed: int, phi_positive: list | None = None) -> float:
     return float(kish_ess(out["log_w"]))  # already per sample
 
 
+def speed_options(model, precision: str | None, compile_splines: bool) -> None:
+    """Set the flow's training-speed options (``conditioner_precision``, ``compile_splines``), which change no
+    weights, on a new or loaded generator (a checkpoint's own are otherwise kept)."""
+    from bg.flows import SplineCoupling
+
+    for module in model.modules():
+        if precision is not None and hasattr(module, "precision"):
+            module.precision = precision
+        if compile_splines and isinstance(module, SplineCoupling):
+            module.compile_spline = True
+    if precision is not None:
+        model.hparams.conditioner_precision = precision
+    model.hparams.compile_splines = model.hparams.get("compile_splines", False) or compile_splines
+
+
 def parse_terms(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
 
@@ -81,6 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options, data)
     if args.kl_batch_size:
         model.hparams.kl_batch_size = args.kl_batch_size
+    speed_options(model, args.conditioner_precision, args.compile_splines)
     terms = parse_terms(args.terms)
     model.check_loss_weights(terms)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -119,7 +135,9 @@ def run(args: argparse.Namespace) -> dict:
                 "pytorch-lightning_version": L.__version__}
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
-    return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size, "init": args.init, "curve": curve,
+    return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size,
+            "conditioner_precision": model.hparams.get("conditioner_precision", "float32"),
+            "compile_splines": model.hparams.get("compile_splines", False), "init": args.init, "curve": curve,
             "phi_positive": phi_positive,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
@@ -160,6 +178,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-end", type=float, default=None, help="cosine decay to this (default: lr / 10)")
     p.add_argument("--clip", type=float, default=100.0)
+    p.add_argument("--conditioner-precision", choices=("float32", "bfloat16"), default=None,
+                   help="the conditioners' hidden layers while training (default: the flow's own)")
+    p.add_argument("--compile-splines", action="store_true", help="torch.compile the couplings' splines")
     p.add_argument("--kl-batch-size", type=int, default=None, help="flow samples per energy-term estimate")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between ESS evaluations")

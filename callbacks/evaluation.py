@@ -203,15 +203,20 @@ class SampleEvaluation(Callback):
 
         Chunk k is drawn from its own random stream seeded by (seed, global step, k): ranks never draw the
         same samples, one process draws exactly what N processes draw together, and evaluating leaves
-        the training's random stream untouched."""
+        the training's random stream untouched. The module is in eval mode meanwhile (as in a validation
+        epoch; the final evaluation is not in one): training-only speed options, such as bfloat16 conditioners,
+        never judge the flow."""
         dev = pl_module.device
         parts = []
+        mode = pl_module.training
+        pl_module.eval()
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
             # fast_dev_run checks the code path, not the sampler: a few hundred samples do that in seconds
             n = min(self.n_samples, FAST_DEV_RUN_SAMPLES) if trainer.fast_dev_run else self.n_samples
             for k, size in self.chunks(trainer.world_size, trainer.global_rank, pl_module.sample_batch_size, n):
                 torch.manual_seed(stream_seed(self.seed, trainer.global_step, k))
                 parts.append(pl_module.proposal.weigh(size, pl_module.energy, batch_size=size))
+        pl_module.train(mode)
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def _figures(self, trainer, pl_module, ref: Reference, out: dict[str, Tensor], smc: dict | None = None) -> None:

@@ -181,3 +181,69 @@ def test_a_coupling_applies_circular_splines_to_torsions_and_bounded_ones_to_the
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(ld, total, atol=1e-10, rtol=1e-10)
     assert float(y[:, layer.circular].min()) >= -math.pi and float(y[:, layer.circular].max()) < math.pi
+
+
+@pytest.mark.parametrize("kind,tokens", [("mlp", None), ("gau", "residue"), ("gau", "coordinate")])
+def test_a_conditioner_asked_for_some_rows_gives_those_rows_of_its_full_output(aldp_z, kind, tokens):
+    ic, z = aldp_z
+    kinds = ic.is_angle.long() + 2 * ic.is_torsion.long()
+    torch.manual_seed(3)
+    if kind == "mlp":
+        conditioner = MLPConditioner(ic.dim, 7, hidden=32, depth=1).double()
+    else:
+        conditioner = GAUConditioner(kinds, ic.residue_index, 7, width=16, depth=1, attention_dim=8,
+                                     tokens=tokens).double()
+    randomize(conditioner)  # the output layer starts at zero
+    mask = torch.rand(ic.dim) < 0.5
+    features = coordinate_features(z[:12], mask, ic.is_torsion, z.min(0).values - 1, z.max(0).values + 1)
+    rows = torch.nonzero(mask).flatten()[torch.randperm(int(mask.sum()))]  # any order
+    full = conditioner(features)
+    torch.testing.assert_close(conditioner(features, rows), full[:, rows], atol=1e-12, rtol=0)
+    torch.testing.assert_close(conditioner(features, rows[:3]), full[:, rows[:3]], atol=1e-12, rtol=0)  # new rows
+    assert conditioner(features, rows).shape == (12, len(rows), 7)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gau"])
+def test_bfloat16_conditioners_train_in_bfloat16_and_evaluate_in_float32(aldp_z, kind):
+    ic, z = aldp_z
+    kinds = ic.is_angle.long() + 2 * ic.is_torsion.long()
+
+    def build(precision):
+        torch.manual_seed(4)
+        if kind == "mlp":
+            return MLPConditioner(ic.dim, 7, hidden=32, depth=1, precision=precision)
+        return GAUConditioner(kinds, ic.residue_index, 7, width=32, depth=1, attention_dim=8, precision=precision)
+
+    exact, low = build("float32"), build("bfloat16")
+    randomize(exact)
+    low.load_state_dict(exact.state_dict())
+    mask = torch.rand(ic.dim) < 0.5
+    features = coordinate_features(z[:64].float(), mask, ic.is_torsion, (z.min(0).values - 1).float(),
+                                   (z.max(0).values + 1).float())
+    reference = exact(features)
+    trained = low.train()(features)
+    assert trained.dtype == torch.float32
+    error = (trained - reference).abs().max() / reference.abs().max()
+    assert 1e-5 < error < 3e-2  # bfloat16 rounding (8 bits of mantissa), not float32's
+    trained.sum().backward()  # gradients reach the float32 weights
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in low.parameters() if p.requires_grad)
+    torch.testing.assert_close(low.eval()(features), reference, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="precision"):
+        build("float16")
+
+
+def test_compiled_splines_give_the_eager_couplings_results(aldp_z):
+    ic, z = aldp_z
+    eager = make_flow(ic, z, "gau", seed=5)
+    randomize(eager)
+    compiled = make_flow(ic, z, "gau", seed=5)
+    compiled.load_state_dict(eager.state_dict())
+    for layer in compiled.layers:
+        layer.compile_spline = True
+    with torch.no_grad():
+        u, ld = eager(z[:32])
+        uc, ldc = compiled(z[:32])
+        zr, ldr = compiled.inverse(uc)
+    torch.testing.assert_close(uc, u, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ldc, ld, atol=1e-10, rtol=0)
+    assert (zr - z[:32]).abs().max() < 1e-8 and (ldr + ldc).abs().max() < 1e-8

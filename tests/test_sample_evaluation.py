@@ -37,3 +37,24 @@ def test_a_run_that_stops_between_evaluations_is_evaluated_at_its_end(tmp_path, 
 def test_the_last_validation_epoch_is_not_evaluated_twice(tmp_path, aldp_data_args, tiny_nsf_kwargs):
     trainer, evaluation, logged = fit(tmp_path, aldp_data_args, tiny_nsf_kwargs, max_epochs=4)
     assert trainer.global_step == 12 and evaluation.evaluations == 1 and len(logged) == 1
+
+
+def test_evaluation_judges_the_float32_flow_whatever_mode_the_module_is_in(tmp_path, aldp_data_args, tiny_nsf_kwargs):
+    # bfloat16 conditioners are a training-step option: the evaluation's samples and weights come from the
+    # float32 flow even outside a validation epoch (the final evaluation), and the module's mode is restored
+    trainer, evaluation, _ = fit(tmp_path, aldp_data_args, dict(tiny_nsf_kwargs, conditioner_precision="bfloat16"),
+                                 max_steps=2)
+    module = trainer.lightning_module
+    module.train()
+    in_training = evaluation.draw(trainer, module)
+    assert module.training
+    module.eval()
+    in_eval = evaluation.draw(trainer, module)
+    assert not module.training
+    torch.testing.assert_close(in_training["log_w"], in_eval["log_w"], atol=0, rtol=0)
+    with torch.no_grad():  # and bfloat16 training steps do compute something else
+        x = in_eval["x"][:16]
+        module.train()
+        trained = module.density.log_prob(x)
+        module.eval()
+        assert not torch.equal(trained, module.density.log_prob(x))

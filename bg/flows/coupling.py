@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from bg.choices import check_choices
 from bg.flows.chain import run_chain
 from bg.flows.conditioners import coordinate_features
-from bg.flows.splines import rq_spline
+from bg.flows.splines import compiled_rq_spline, rq_spline
 
 CouplingMasks = Literal["interleaved", "shuffled"]
 
@@ -25,12 +25,16 @@ class SplineCoupling(nn.Module):
         transform, condition: ``(D,)`` disjoint boolean masks.
         circular: ``(D,)`` True for torsions (circular splines on [−π, π)).
         low, high: ``(D,)`` interval of the bounded coordinates.
-        conditioner: module mapping features ``(B, D, 3)`` → parameters ``(B, D, 3K + 1)``.
+        conditioner: module mapping features ``(B, D, 3)`` and the coordinates it transforms ``(M,)`` → their
+            parameters ``(B, M, 3K + 1)`` (``conditioner(features, rows)``, as the conditioners here take).
         bins: K.
+        compile_spline: in training mode, run the splines through :func:`compiled_rq_spline` (same results,
+            fused: faster on CPU, where a coupling's elementwise work is a third of its time). Eval mode
+            (sampling, evaluation) stays eager, so a checkpoint samples anywhere without a compiler.
     """
 
     def __init__(self, transform: Tensor, condition: Tensor, circular: Tensor, low: Tensor, high: Tensor,
-                 conditioner: nn.Module, bins: int = 8):
+                 conditioner: nn.Module, bins: int = 8, compile_spline: bool = False):
         super().__init__()
         if (transform & condition).any():
             raise ValueError("a coupling cannot condition on coordinates it transforms")
@@ -40,7 +44,7 @@ class SplineCoupling(nn.Module):
         self.register_buffer("low", low.float())
         self.register_buffer("high", high.float())
         self.conditioner = conditioner
-        self.bins = bins
+        self.bins, self.compile_spline = bins, compile_spline
         # Integer indices instead of boolean masks (index_select and cat instead of masked indexing and
         # index_put: no nonzero() per call). Derived from ``transform`` (fixed at construction), so not saved.
         kept, moved = torch.nonzero(~self.transform).flatten(), torch.nonzero(self.transform).flatten()
@@ -51,7 +55,7 @@ class SplineCoupling(nn.Module):
     def _params(self, z: Tensor) -> Tensor:
         hidden = ~self.condition  # what the conditioner must not see
         feats = coordinate_features(z, hidden, self.circular, self.low.to(z.dtype), self.high.to(z.dtype))
-        return self.conditioner(feats).index_select(1, self._moved)
+        return self.conditioner(feats, self._moved)
 
     def _transform(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         p = self._params(z)
@@ -65,7 +69,8 @@ class SplineCoupling(nn.Module):
         # [−π, π) as any interval: the same map as a circular spline on [−π, π), whose end derivatives are
         # tied: the last knot reuses the first one's).
         d = torch.where(circ[:, None], torch.cat([d[..., :k], d[..., :1]], -1), d)
-        y, ld = rq_spline((zt - low) / (high - low), w, h, d, low=0.0, high=1.0, inverse=inverse)
+        spline = compiled_rq_spline() if self.compile_spline and self.training else rq_spline
+        y, ld = spline((zt - low) / (high - low), w, h, d, low=0.0, high=1.0, inverse=inverse)
         y = low + y * (high - low)
         y = torch.where(circ & (y >= math.pi), y - 2 * math.pi, y)  # torsions keep the [−π, π) convention
         z = torch.cat([z.index_select(1, self._kept), y], 1).index_select(1, self._merge)
@@ -100,11 +105,12 @@ class SplitChannelFlow(nn.Module):
             from a generator seeded by the pair's index), so every two coordinates condition each other
             directly in some coupling. With interleaved halves the angle and torsion of one atom (indices
             differing by the odd number of angles) always sit in the same half.
+        compile_splines: see ``compile_spline`` of :class:`SplineCoupling`.
     """
 
     def __init__(self, backbone: Tensor, circular: Tensor, low: Tensor, high: Tensor,
                  make_conditioner: Callable[[int, int], nn.Module], backbone_layers: int = 4, sidechain_layers: int = 4,
-                 bins: int = 8, masks: CouplingMasks = "interleaved"):
+                 bins: int = 8, masks: CouplingMasks = "interleaved", compile_splines: bool = False):
         super().__init__()
         check_choices(SplitChannelFlow.__init__, dict(masks=masks))
         backbone = backbone.bool()
@@ -126,7 +132,8 @@ class SplitChannelFlow(nn.Module):
                 if not t.any():
                     continue
                 cond = visible & ~t
-                layers.append(SplineCoupling(t, cond, circular, low, high, make_conditioner(3 * bins + 1, first + i), bins))
+                layers.append(SplineCoupling(t, cond, circular, low, high, make_conditioner(3 * bins + 1, first + i), bins,
+                                             compile_splines))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bg.choices import check_choices
 from bg.coordinates.geometry import circular_mean, wrap_angle
 from bg.flows.base import Flow
-from bg.flows.conditioners import AbsoluteEmbedding, GAUConditioner, GAUTokens, MLPConditioner
+from bg.flows.conditioners import AbsoluteEmbedding, GAUConditioner, GAUTokens, MLPConditioner, Precision
 from bg.flows.coupling import CouplingMasks, SplineCoupling, SplitChannelFlow
 from bg.flows.distributions import BoundedBase, CoordinateBase, TorsionBase
 
@@ -156,6 +156,8 @@ def neural_spline_flow(
     bound_margin: float = 0.25,
     narrow_torsions: NarrowTorsions = "bounded",
     coupling_masks: CouplingMasks = "interleaved",
+    conditioner_precision: Precision = "float32",
+    compile_splines: bool = False,
 ) -> InternalFlow:
     """Build an NSF over ``D`` internal coordinates (call ``fit`` with training data before use).
 
@@ -174,6 +176,9 @@ def neural_spline_flow(
         base_bounded, base_torsion: base distribution families (see ``CoordinateBase``).
         bound_margin, narrow_torsions: see :class:`InternalFlow`.
         coupling_masks: how couplings split a channel, ``masks`` of :class:`SplitChannelFlow`.
+        conditioner_precision: ``"bfloat16"``: the conditioners' hidden layers in bfloat16 while training
+            (``precision`` of the conditioners; sampling and evaluation stay float32).
+        compile_splines: ``torch.compile`` the spline of every coupling in training mode (:class:`SplineCoupling`).
     """
     check_choices(neural_spline_flow, dict(conditioner=conditioner))
     d = len(kinds)
@@ -184,13 +189,13 @@ def neural_spline_flow(
 
     def make(n_params: int, slot: int) -> nn.Module:
         if conditioner == "mlp":
-            return MLPConditioner(d, n_params, hidden=width, depth=depth)
+            return MLPConditioner(d, n_params, hidden=width, depth=depth, precision=conditioner_precision)
         return GAUConditioner(kinds, residues, n_params, width=width, depth=depth, attention_dim=attention_dim,
-                              absolute=absolute_position, rotary=rotary, tokens=tokens)
+                              absolute=absolute_position, rotary=rotary, tokens=tokens, precision=conditioner_precision)
 
     channels = backbone.bool() if split_channels else torch.ones(d, dtype=torch.bool)
     transform = SplitChannelFlow(channels, circular, low, high, make, backbone_layers=backbone_layers,
                                  sidechain_layers=sidechain_layers if split_channels else 0, bins=bins,
-                                 masks=coupling_masks)
+                                 masks=coupling_masks, compile_splines=compile_splines)
     base = CoordinateBase(circular, low, high, bounded=base_bounded, torsion=base_torsion)
     return InternalFlow(transform, base, kinds, bound_margin, narrow_torsions)

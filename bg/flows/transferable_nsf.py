@@ -221,8 +221,10 @@ class BoundConditioner(nn.Module):
         self.register_buffer("identity", layout.identity, persistent=False)
         self.register_buffer("positions", layout.positions, persistent=False)
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.shared(features, self.cell, self.identity, self.positions)
+    def forward(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Parameters ``(B, D, P)``, or ``(B, M, P)`` of the coordinates ``rows``."""
+        out = self.shared(features, self.cell, self.identity, self.positions)
+        return out if rows is None else out.index_select(1, rows)
 
 
 class HarmonicWhitening(nn.Module):

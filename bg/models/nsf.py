@@ -27,7 +27,7 @@ from torch import Tensor
 from bg.analysis import backbone_pairs
 from bg.coordinates import InternalCoordinates
 from bg.flows import CartesianDensity, neural_spline_flow
-from bg.flows.conditioners import AbsoluteEmbedding, GAUTokens
+from bg.flows.conditioners import AbsoluteEmbedding, GAUTokens, Precision
 from bg.flows.distributions import BoundedBase, TorsionBase
 from bg.flows.coupling import CouplingMasks
 from bg.flows.nsf import Conditioner, NarrowTorsions
@@ -50,6 +50,12 @@ class SplitChannelNSF(BoltzmannGenerator):
             models torsions that stay within 45° of their mean, such as dihedrals relative to a
             sibling atom, as recentred bounded coordinates, ``"circular"`` keeps every torsion on the circle;
             ``coupling_masks``: ``"shuffled"`` splits the coordinates differently in every pair of couplings).
+        conditioner_precision: ``"bfloat16"`` runs the conditioners' hidden layers in bfloat16 during training
+            steps (autocast; 3–6× faster matrix products on CPUs with AMX and on GPUs, slower on CPUs without
+            bfloat16 units); validation, sampling and evaluation stay float32.
+        compile_splines: ``torch.compile`` the couplings' splines in training steps (same results to rounding;
+            the first steps compile, ~20 s on CPU; needs a C++ compiler there). Like ``conditioner_precision`` a
+            training-speed option: sampling and evaluation use the plain float32 flow on any machine.
         w2_batch_size: generated samples per ``w2`` evaluation (the data batch is matched to it).
         kl_batch_size: samples per ``kl`` evaluation.
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
@@ -63,6 +69,7 @@ class SplitChannelNSF(BoltzmannGenerator):
                  tokens: GAUTokens = "residue", base_bounded: BoundedBase = "truncated_normal",
                  base_torsion: TorsionBase = "uniform", bound_margin: float = 0.25,
                  narrow_torsions: NarrowTorsions = "bounded", coupling_masks: CouplingMasks = "interleaved",
+                 conditioner_precision: Precision = "float32", compile_splines: bool = False,
                  w2_batch_size: int = 256,
                  kl_batch_size: int = 256, **kwargs):
         super().__init__(**kwargs)
