@@ -81,11 +81,11 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, aldp_data_args, tin
         # every one of them by far more.
         rel = 1e-2 if k == "val/ess" or k.endswith("_reweighted") else 1e-4
         assert two[k] == pytest.approx(one[k], rel=rel, abs=1e-7), (k, one[k], two[k])
-    # More than one sample carries weight (all of it on one sample gives exactly 1/n): the ESS compared is not the
-    # degenerate value. The tiny flow's ESS after the warm-up is near that floor and depends on the CPU's rounding
-    # (measured: > 1.5/n on an AMD EPYC VM, 1.21/n on an Intel Xeon VM, 2026-12-04), hence a strict bound at 1/n;
-    # whether the two runs gather all 384 samples is still decided by the comparison above (192 give 2× the ESS/n).
-    assert 1 / 384 * (1 + 1e-3) < one["val/ess"] <= 1
+    # The ESS is a valid one of 384 samples. The tiny flow's ESS after the warm-up sits at or near the 1/n floor, where
+    # rounding decides how close (measured: > 1.5/n on an AMD EPYC VM, 1.21/n and 1.00003/n on Intel Xeon VMs,
+    # 2026-12-04), so no bound above 1/n holds everywhere; whether the two runs gather all 384 samples is decided by
+    # the comparison above (192 gathered samples give at least 2/384).
+    assert 1 / 384 * (1 - 1e-9) <= one["val/ess"] <= 1
 
 
 def test_evaluation_chunks_are_the_same_samples_for_any_world_size():
