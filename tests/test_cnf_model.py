@@ -89,9 +89,38 @@ def test_dropped_samples_weigh_zero_and_lower_the_ess(trained):
 def test_option_errors_are_clear():
     for kwargs, match in ((dict(encoding="atoms"), "encoding"), (dict(chirality="flip"), "chirality"),
                           (dict(pairing="sinkhorn"), "pairing"), (dict(solver="rk45"), "model.solver must be one of"),
-                          (dict(scale=-1.0), "scale"), (dict(loss_weights={"nll": 1.0}), "unknown term")):
+                          (dict(scale=-1.0), "scale"), (dict(loss_weights={"nll": 1.0}), "unknown term"),
+                          (dict(prior="gaussian"), "model.prior must be one of")):
         with pytest.raises(ValueError, match=match):
             EquivariantCNF(**kwargs)
+
+
+def test_the_harmonic_prior_starts_bonds_as_long_as_the_datas_and_is_saved(aldp_system, aldp_frames):
+    """prior: harmonic — α fitted at build so that prior samples' summed squared bond lengths (nm) match the
+    training frames' on average; α travels in the state dict; the isotropic prior's bonds are far longer."""
+    x = torch.as_tensor(aldp_frames)
+    bonds = torch.tensor([[a.index, b.index] for a, b in aldp_system.topology.bonds])
+
+    def bond_squares(frames):
+        return float((frames[:, bonds[:, 0]] - frames[:, bonds[:, 1]]).square().sum((-1, -2)).mean())
+
+    models = {}
+    for prior in ("harmonic", "isotropic"):
+        torch.manual_seed(0)
+        models[prior] = model = EquivariantCNF(**TINY, prior=prior)
+        model.build(aldp_system, x)
+    harmonic = models["harmonic"]
+    start = harmonic.flow.prior_sample(20_000, torch.float64, generator=torch.Generator().manual_seed(0))
+    assert bond_squares(start * harmonic.scale) == pytest.approx(bond_squares(x), rel=0.03)
+    iso = models["isotropic"]
+    assert bond_squares(iso.flow.prior_sample(2000, torch.float64) * iso.scale) > 5 * bond_squares(x)
+    state = harmonic.state_dict()
+    assert float(state["density.flow.prior.alpha"]) == float(harmonic.flow.prior.alpha) != 1.0
+    torch.manual_seed(0)
+    fresh = EquivariantCNF(**TINY, prior="harmonic")
+    fresh.build(aldp_system, x[:10])
+    fresh.load_state_dict(state)
+    assert float(fresh.flow.prior.alpha) == float(harmonic.flow.prior.alpha)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +173,39 @@ def test_predict_writes_samples_with_flags_and_the_checkpoint_restores_the_sampl
     torch.manual_seed(0)
     b = model.sample(3)
     torch.testing.assert_close(a, b)
+
+
+def test_solver_bench_pairs_settings_on_the_same_prior_draws(fitted, monkeypatch):
+    """bench/cnf_solvers.py: a converged fixed-step solve of the same x₀ lands on the reference's samples and
+    log q; a one-step Euler solve does not; the table has a row per setting."""
+    import sys
+
+    from bench import cnf_solvers
+
+    tmp_path, _ = fitted
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    model = bg.load_generator(ckpt)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a field that bends the paths: solvers differ measurably
+        for layer in model.flow.field.layers:
+            layer.coord[-1].weight.normal_(0, 0.5)
+    energy = model.energy
+    ref = cnf_solvers.draw(model, cnf_solvers.parse_setting("dopri5:1e-5"), 10, 4, energy, seed=3)
+    fine = cnf_solvers.draw(model, cnf_solvers.parse_setting("rk4:32"), 10, 4, energy, seed=3)
+    coarse = cnf_solvers.draw(model, cnf_solvers.parse_setting("euler:1"), 10, 4, energy, seed=3)
+    other_seed = cnf_solvers.draw(model, cnf_solvers.parse_setting("rk4:32"), 10, 4, energy, seed=4)
+    assert fine.nfe == [128, 128, 128] and coarse.nfe == [1, 1, 1]
+    close, far, unpaired = (cnf_solvers.compare(d, ref) for d in (fine, coarse, other_seed))
+    assert close["rms_max"] < 1e-6 and abs(close["err_mean"]) < 1e-4 and close["err_max"] < 1e-4
+    assert far["rms"] > 100 * close["rms"] and far["err_sd"] > 100 * max(close["err_sd"], 1e-9)
+    assert unpaired["rms"] > 1e-3  # other prior draws: other samples
+    with pytest.raises(ValueError, match="METHOD:STEPS"):
+        cnf_solvers.parse_setting("rk4")
+
+    out = tmp_path / "solvers.md"
+    monkeypatch.setattr(sys, "argv", ["cnf_solvers.py", "--checkpoint", str(ckpt), "--settings", "rk4:2", "euler:4",
+                                      "--samples", "6", "--batch", "3", "--energy", "torch", "--out", str(out)])
+    cnf_solvers.main()
+    rows = [r for r in out.read_text().splitlines() if r.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["dopri5:1e-4", "rk4:2", "euler:4"]
+    assert "(reference)" in rows[0] and "+0.000 / 0.000 / 0.000" in rows[0]

@@ -247,3 +247,17 @@ def test_compiled_splines_give_the_eager_couplings_results(aldp_z):
     torch.testing.assert_close(uc, u, atol=1e-10, rtol=0)
     torch.testing.assert_close(ldc, ld, atol=1e-10, rtol=0)
     assert (zr - z[:32]).abs().max() < 1e-8 and (ldr + ldc).abs().max() < 1e-8
+
+
+def test_compiled_splines_without_a_compiler_say_which_option_needs_one(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    from bg.flows.splines import compiled_rq_spline
+
+    compiled_rq_spline.cache_clear()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler-bg-test",))
+    try:
+        with pytest.raises(RuntimeError, match=r"compile_splines: true needs a C\+\+ compiler.*no-such-compiler-bg-test"):
+            compiled_rq_spline()
+    finally:
+        compiled_rq_spline.cache_clear()

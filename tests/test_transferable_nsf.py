@@ -165,7 +165,7 @@ def fitted(tmp_path_factory, tiny_peptide_set):
     """`bg fit --config configs/peptides_nsf.yaml` shrunk: 4 steps on G and A (chemistry tokens, token dropout)."""
     tmp_path = tmp_path_factory.mktemp("transfer_nsf")
     loss = dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1, lr=1e-3, lr_end=1e-4),
-                            kl=dict(weights={"nll": 1.0, "logvar": 0.5}, epochs=1, lr=1e-4)))
+                            kl=dict(weights={"nll": 1.0, "logvar": 0.5, "alpha2": 0.5}, epochs=1, lr=1e-4)))
     model = dict(init_args=dict(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1, attention_dim=8,
                                 kl_batch_size=8, sample_batch_size=8, predict_samples=16, chemistry_tokens=True,
                                 token_dropout=0.25))
@@ -180,7 +180,7 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     rows = list(csv.DictReader(open(tmp_path / "logs" / "run" / "metrics.csv")))
     logged = [r for r in rows if r.get("test/ess/S")]
     assert len(logged) == 1 and 0 < float(logged[0]["test/ess"]) <= 1
-    assert any(r.get("train/logvar") for r in rows) and any(r.get("train/nll") for r in rows)
+    assert all(any(r.get(f"train/{term}") for r in rows) for term in ("nll", "logvar", "alpha2"))
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert stored["bg_system"] is None and stored["bg_peptides"]["train"] == ["G", "A"]

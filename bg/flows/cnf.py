@@ -1,7 +1,8 @@
 """Continuous normalizing flow on mean-free coordinates, trained by (equivariant) flow matching.
 
-Prior: the standard Gaussian on the (3N − 3)-dimensional subspace of frames with zero mean,
-log p₀(x) = −|x|²/2 − (3N − 3)/2 · log 2π for centred x ``(B, N, 3)``. A vector field v(t, x) with zero
+Prior: a Gaussian on the (3N − 3)-dimensional subspace of frames with zero mean
+(``bg.flows.mean_free_priors``): the standard one, log p₀(x) = −|x|²/2 − (3N − 3)/2 · log 2π for centred
+x ``(B, N, 3)``, or the harmonic one over the bond graph. A vector field v(t, x) with zero
 mean over atoms (``bg.flows.EGNN``) moves prior samples (t = 0) to data (t = 1); the mean stays zero.
 
 Density (instantaneous change of variables): along a solution x(t),
@@ -23,7 +24,6 @@ ODE solves use torchdiffeq (adaptive ``dopri5`` with ``rtol``/``atol``, or fixed
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -34,10 +34,12 @@ from torchdiffeq import odeint
 from bg.choices import check_choices
 from bg.coordinates import centred
 from bg.flows.base import Flow
+from bg.flows.mean_free_priors import IsotropicPrior
 from bg.flows.pairing import equivariant_ot_pairs
 
 Divergence = Literal["exact", "hutchinson"]
 Pairing = Literal["independent", "ot"]
+PriorKind = Literal["isotropic", "harmonic"]
 AdaptiveMethod = Literal["dopri5", "dopri8", "bosh3", "adaptive_heun"]
 FixedMethod = Literal["euler", "midpoint", "rk4"]
 ODEMethod = Literal[AdaptiveMethod, FixedMethod]
@@ -111,16 +113,19 @@ class ContinuousFlow(Flow):
         field: the vector field module ``(t, x) → v``, mean-free and atom-wise independent across the batch.
         n_atoms: N.
         solver: ``ODESolver`` for sampling and densities.
+        prior: the base density at t = 0 (``bg.flows.mean_free_priors``; default ``IsotropicPrior``);
+            ``fit`` fits it to the training frames.
 
     Samples and densities come from ODE solves without gradients (``reparameterized = False``).
     """
 
     reparameterized = False
 
-    def __init__(self, field: nn.Module, n_atoms: int, solver: ODESolver | None = None):
+    def __init__(self, field: nn.Module, n_atoms: int, solver: ODESolver | None = None, prior: nn.Module | None = None):
         super().__init__()
         self.field, self.n_atoms = field, n_atoms
         self.solver = solver or ODESolver()
+        self.prior = prior if prior is not None else IsotropicPrior(n_atoms)
         self.last_nfe = 0
 
     @property
@@ -129,13 +134,19 @@ class ContinuousFlow(Flow):
         return 3 * (self.n_atoms - 1)
 
     # ------------------------------------------------------------------ prior
+    def fit(self, y: Tensor) -> "ContinuousFlow":
+        """Fit the prior to training frames ``(F, N, 3)`` in flow units (the harmonic prior's α)."""
+        self.prior.fit(centred(y))
+        return self
+
     def prior_sample(self, n: int, dtype: torch.dtype = torch.float32, device=None,
                      generator: torch.Generator | None = None) -> Tensor:
-        return centred(torch.randn(n, self.n_atoms, 3, dtype=dtype, device=device, generator=generator))
+        """``n`` centred frames ``(n, N, 3)`` from the prior."""
+        return self.prior.sample(n, dtype, device, generator)
 
     def prior_log_prob(self, x: Tensor) -> Tensor:
         """log p₀ ``(B,)`` of centred frames on the mean-free subspace."""
-        return -0.5 * x.square().sum((-1, -2)) - 0.5 * self.dim * math.log(2 * math.pi)
+        return self.prior.log_prob(x)
 
     # ------------------------------------------------------------------ ODE
     def integrate(self, x: Tensor, t0: float, t1: float, divergence: Divergence | None = "exact",

@@ -10,6 +10,7 @@ they give straighter paths (shorter ODE integrations, easier regression).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -33,13 +34,19 @@ def kabsch_rotations(x: Tensor, y: Tensor) -> Tensor:
     return (u * diag.unsqueeze(-2)) @ vh
 
 
+@functools.lru_cache(maxsize=None)
+def _permutations(size: int) -> Tensor:
+    """Every permutation of ``range(size)`` ``(size!, size)`` (CPU; built once per size)."""
+    return torch.tensor(list(itertools.permutations(range(size))))
+
+
 def _match_small_groups(x1: Tensor, x0: Tensor, groups: list[Tensor]) -> Tensor:
     """Best permutation index ``(..., N)`` of x1's atoms within each small group to match x0 (exhaustive)."""
     n = x1.shape[-2]
     index = torch.arange(n, device=x1.device).expand(*x1.shape[:-1]).clone()
     for g in groups:
         g = g.to(x1.device)
-        perms = torch.tensor(list(itertools.permutations(range(len(g)))), device=x1.device)  # (P, g)
+        perms = _permutations(len(g)).to(x1.device)  # (P, g)
         cand = g[perms]  # (P, g): atoms of x1 placed at g
         d = (x1[..., cand, :] - x0[..., g, :].unsqueeze(-3)).square().sum((-1, -2))  # (..., P)
         index[..., g] = cand[d.argmin(-1)]

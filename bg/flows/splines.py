@@ -111,8 +111,32 @@ def rq_spline(
 def compiled_rq_spline() -> Callable[..., tuple[Tensor, Tensor]]:
     """:func:`rq_spline` through ``torch.compile`` (dynamic shapes: one graph per direction, dtype and grad mode,
     shared by every coupling; the first calls compile, ~10–30 s on CPU, which needs a C++ compiler). It fuses
-    the spline's few dozen elementwise operations; the results equal :func:`rq_spline`'s to rounding."""
+    the spline's few dozen elementwise operations; the results equal :func:`rq_spline`'s to rounding.
+
+    Raises ``RuntimeError`` naming the fix when torch finds no C++ compiler (torch's own error would surface at
+    the first compiled call, deep inside Inductor)."""
+    require_cpp_compiler("compile_splines: true")
     return torch.compile(rq_spline, dynamic=True)
+
+
+def require_cpp_compiler(option: str) -> None:
+    """Raise ``RuntimeError`` if ``torch.compile`` would find no C++ compiler (``CXX`` or Inductor's search list);
+    ``option`` names the setting that asked for compilation."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import cpp_compiler_search
+    except ImportError:  # a torch without these internals: let torch.compile speak for itself
+        return
+    cxx = inductor_config.cpp.cxx
+    search = tuple(cxx) if isinstance(cxx, (list, tuple)) else (cxx,)
+    try:
+        cpp_compiler_search(search)
+    except Exception as error:
+        names = ", ".join(str(c) for c in search if c is not None)
+        raise RuntimeError(
+            f"{option} needs a C++ compiler for torch.compile, and none was found (tried: {names}). Install one "
+            "(e.g. `apt install g++`, or point torch at one with the CXX environment variable) or set the option "
+            "to false; checkpoints sample without a compiler either way.") from error
 
 
 def circular_rq_spline(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, inverse: bool = False,

@@ -7,6 +7,9 @@ mean-free subspace whose vector field is an EGNN over atom tokens (``encoding``)
 rotations, reflections, translations and permutations of identical atoms by construction, so no
 augmentation is needed.
 
+Prior (``prior``): the standard Gaussian on mean-free frames, or the harmonic one over the bond graph
+(``bg.flows.mean_free_priors``: bonded atoms start close, its width fitted to the training frames' bonds).
+
 Training: the ``flow_matching`` loss term (conditional paths with noise ``sigma`` in flow units,
 ``pairing``: ``independent`` or equivariant ``ot``). Sampling solves the ODE with the exact
 divergence (``solver``, ``rtol``, ``atol``, ``steps``): log q = log p₀(x₀) − ∫ div v dt − 3(N−1)·log(scale).
@@ -25,11 +28,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from bg.coordinates import CartesianCoordinates
 from bg.flows import EGNN, CartesianDensity, ContinuousFlow, ODESolver
-from bg.flows.cnf import ODEMethod, Pairing
+from bg.flows.cnf import ODEMethod, Pairing, PriorKind
+from bg.flows.mean_free_priors import HarmonicPrior, IsotropicPrior
 from bg.models.base import BoltzmannGenerator
 from bg.sampling import Proposal, SMCSampler
 from bg.systems import MolecularSystem
@@ -45,6 +50,8 @@ class EquivariantCNF(BoltzmannGenerator):
         encoding: atom tokens: ``element``, ``backbone`` or ``full`` (``bg.systems.encodings``).
         scale: nm per flow unit; ``None`` fits it to the training frames.
         sigma: std of the noise around the conditional paths (flow units).
+        prior: ``isotropic`` (standard Gaussian on mean-free frames) or ``harmonic`` (precision α·L per axis,
+            L the bond graph's Laplacian, α fitted so that the prior's bonds match the data's on average).
         pairing: ``independent`` or ``ot`` (equivariant OT within each batch, ``bg.flows.pairing``).
         ot_chunk: OT pairs within chunks of this many frames of a batch (``None``: the whole batch; the
             cost grows as chunk × batch).
@@ -61,7 +68,8 @@ class EquivariantCNF(BoltzmannGenerator):
     loss_terms = ("flow_matching",)
 
     def __init__(self, hidden: int = 64, layers: int = 4, coord_hidden: bool = False, encoding: Encoding = "full",
-                 scale: float | None = None, sigma: float = 0.01, pairing: Pairing = "independent",
+                 scale: float | None = None, sigma: float = 0.01, prior: PriorKind = "isotropic",
+                 pairing: Pairing = "independent",
                  ot_chunk: int | None = 64, solver: ODEMethod = "dopri5", rtol: float = 1e-4, atol: float = 1e-4,
                  steps: int = 20, chirality: ChiralityMode = "mirror", drop_broken: bool = True,
                  bond_tolerance: float = 1.3, sample_batch_size: int = 250, predict_samples: int = 1000, **kwargs):
@@ -85,7 +93,11 @@ class EquivariantCNF(BoltzmannGenerator):
         field = EGNN(tokens, ENCODING_VOCAB[hp.encoding], hidden=hp.hidden, layers=hp.layers,
                      coord_hidden=hp.coord_hidden)
         self.checks = FrameChecks(system.topology, system.positions, hp.bond_tolerance)
-        return CartesianDensity(CartesianCoordinates(n, hp.scale), ContinuousFlow(field, n, self.ode))
+        if hp.prior == "harmonic":
+            prior = HarmonicPrior(n, torch.tensor([[a.index, b.index] for a, b in system.topology.bonds]))
+        else:
+            prior = IsotropicPrior(n)
+        return CartesianDensity(CartesianCoordinates(n, hp.scale), ContinuousFlow(field, n, self.ode, prior))
 
     @property
     def scale(self) -> Tensor:

@@ -11,7 +11,7 @@ the harmonic σ of every non-rotatable coordinate; rotatable torsions on the cir
 
 Training (``data: datamodules.PeptideSetDataModule``, ``batch_mode: molecule``): each batch binds its
 peptide; the loss terms are ``BoltzmannGenerator``'s (``nll`` on the batch's frames; ``kl``, ``kl_path``,
-``fkl_is``, ``logvar`` on the flow's samples of that peptide with its own torch force field).
+``fkl_is``, ``logvar``, ``alpha2`` on the flow's samples of that peptide with its own torch force field).
 
 Sampling a peptide the model never saw::
 
@@ -56,7 +56,7 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
         **kwargs: see ``BoltzmannGenerator``.
     """
 
-    loss_terms = ("nll", "kl", "kl_path", "fkl_is", "logvar")
+    loss_terms = ("nll", "kl", "kl_path", "fkl_is", "logvar", "alpha2")
 
     def __init__(self, split_channels: bool = True, backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8,
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
