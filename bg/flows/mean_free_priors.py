@@ -61,13 +61,9 @@ class HarmonicPrior(nn.Module):
         bonds = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
         if len(bonds) and (int(bonds.min()) < 0 or int(bonds.max()) >= n_atoms):
             raise ValueError(f"bond indices must lie in [0, {n_atoms}), got {int(bonds.min())}…{int(bonds.max())}")
-        laplacian = torch.zeros(n_atoms, n_atoms, dtype=torch.float64)
-        i, j = bonds[:, 0], bonds[:, 1]
-        laplacian.index_put_((i, i), torch.ones(len(i), dtype=torch.float64), accumulate=True)
-        laplacian.index_put_((j, j), torch.ones(len(j), dtype=torch.float64), accumulate=True)
-        laplacian.index_put_((i, j), -torch.ones(len(i), dtype=torch.float64), accumulate=True)
-        laplacian.index_put_((j, i), -torch.ones(len(i), dtype=torch.float64), accumulate=True)
-        eigenvalues, modes = torch.linalg.eigh(laplacian)
+        adjacency = torch.zeros(n_atoms, n_atoms, dtype=torch.float64)
+        adjacency[bonds[:, 0], bonds[:, 1]] = adjacency[bonds[:, 1], bonds[:, 0]] = 1.0
+        eigenvalues, modes = torch.linalg.eigh(torch.diag(adjacency.sum(1)) - adjacency)
         if n_atoms < 2 or float(eigenvalues[1]) < 1e-9:
             raise ValueError("the harmonic prior needs a bond graph that connects every atom (a Laplacian with one "
                              f"zero eigenvalue); {int((eigenvalues < 1e-9).sum())} connected components found")
