@@ -122,7 +122,7 @@ def main() -> None:
         draws[label] = draw(model, solver, args.samples, args.batch, energy, args.seed)
         d = draws[label]
         print(f"{label}: {d.seconds / args.samples * 1000:.1f} s per 1,000, NFE {d.nfe}, "
-              f"ESS/n {float(kish_ess(d.log_w)) / args.samples:.4f}", flush=True)
+              f"ESS/n {float(kish_ess(d.log_w)):.4f}", flush=True)
 
     ref = draws[args.reference]
     cmd = "python bench/cnf_solvers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -132,10 +132,10 @@ def main() -> None:
              f"energies. Errors against the reference `{args.reference}` (log q error: setting − reference, nats).",
              "", "| setting | NFE per solve | s per 1,000 | RMS shift (nm): mean / max | log q error: mean / sd / "
              "max dev | ESS/n | ESS/n × exp(−sd²) of the reference |", "|---|---|---|---|---|---|---|"]
-    ref_ess = float(kish_ess(ref.log_w)) / args.samples
+    ref_ess = float(kish_ess(ref.log_w))
     for label, d in draws.items():
         c = compare(d, ref)
-        ess = float(kish_ess(d.log_w)) / args.samples
+        ess = float(kish_ess(d.log_w))
         nfe = f"{min(d.nfe)}–{max(d.nfe)}" if min(d.nfe) != max(d.nfe) else str(d.nfe[0])
         lines.append(f"| `{label}`{' (reference)' if d is ref else ''} | {nfe} | {d.seconds / args.samples * 1000:.1f} | "
                      f"{c['rms']:.2e} / {c['rms_max']:.2e} | {c['err_mean']:+.3f} / {c['err_sd']:.3f} / "

@@ -77,9 +77,12 @@ def speed_options(model, precision: str | None, compile_splines: bool) -> None:
             module.precision = precision
         if compile_splines and isinstance(module, SplineCoupling):
             module.compile_spline = True
-    if precision is not None:
+    # Only families that have these options record them: a TarFlow's saved hparams must stay its own init
+    # arguments, or the checkpoint no longer loads.
+    if precision is not None and "conditioner_precision" in model.hparams:
         model.hparams.conditioner_precision = precision
-    model.hparams.compile_splines = model.hparams.get("compile_splines", False) or compile_splines
+    if "compile_splines" in model.hparams:
+        model.hparams.compile_splines = model.hparams.compile_splines or compile_splines
 
 
 def parse_terms(text: str) -> dict[str, float]:

@@ -209,3 +209,6 @@ def test_solver_bench_pairs_settings_on_the_same_prior_draws(fitted, monkeypatch
     rows = [r for r in out.read_text().splitlines() if r.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["dopri5:1e-4", "rk4:2", "euler:4"]
     assert "(reference)" in rows[0] and "+0.000 / 0.000 / 0.000" in rows[0]
+    # the ESS/n column is Kish's ESS over n (kish_ess already divides by n; it once divided twice)
+    ess = [float(r.split("|")[6]) for r in rows]
+    assert all(1 / 4 - 1e-4 <= e <= 1 for e in ess), ess

@@ -6,10 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 
 import lightning as L
 import pytest
 import torch
+
+from lightning.pytorch.strategies import DDPStrategy
 
 from bg.models import SplitChannelNSF
 from callbacks import SampleEvaluation
@@ -28,6 +31,39 @@ def fresh_master_port(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
 
 
+@pytest.fixture(autouse=True)
+def no_orphan_ranks():
+    # A failed or timed-out fit can leave forked ranks alive, asleep in a collective; the next DDP test then
+    # hung too (seen once in a full run, 2026-12-04). Kill whatever children this test left behind.
+    before = set(_children())
+    yield
+    for pid in set(_children()) - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children() -> list[int]:
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # field 4: parent pid
+                pids.append(int(entry))
+    return pids
+
+
+def _forked_ddp() -> DDPStrategy:
+    # Collectives and the rendezvous give up after 2 minutes (default 30): a stuck rank fails the test
+    # with gloo's timeout error instead of sleeping until pytest-timeout.
+    return DDPStrategy(start_method="fork", timeout=timedelta(seconds=120))
+
+
 def _fit(devices, data_args, kwargs, state, n_train, tmp_path):
     # Full-batch steps: 1 process × n_train frames or 2 processes × n_train/2 frames see the same data,
     # so their averaged gradients, and hence the weights, agree to float rounding.
@@ -37,7 +73,7 @@ def _fit(devices, data_args, kwargs, state, n_train, tmp_path):
     model.build(dm.system, dm.positions["train"])
     model.load_state_dict(state)
     evaluation = SampleEvaluation(n_samples=384, batch_size=64, figures=False)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=_forked_ddp() if devices > 1 else "auto",
                         max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[evaluation], default_root_dir=tmp_path)
@@ -118,7 +154,7 @@ def test_md_is_generated_once_under_ddp(tmp_path, monkeypatch):
                       md=MDSettings(n_frames=40, steps_per_frame=20, equilibration_steps=200, chunk_frames=40))
     model = SplitChannelNSF(reduced=False, backbone_layers=1, sidechain_layers=1, bins=4, width=8, depth=1,
                             attention_dim=4, sample_batch_size=16)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_train_batches=1,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_forked_ddp(), max_epochs=1, limit_train_batches=1,
                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, dm)

@@ -203,3 +203,22 @@ def test_logvar_and_alpha2_share_one_set_of_flow_samples_in_a_training_step(aldp
     assert model.energy_evaluations - before == model.hparams.kl_batch_size + len(data)
     assert float(loss) == pytest.approx(parts["logvar"] + 0.5 * parts["alpha2"], rel=1e-5)
     assert model._step_cache is None
+
+
+def test_bench_speed_options_keep_a_checkpoint_loadable(tiny_nsf_kwargs):
+    """bench/energy_stages.py records the NSF's speed options in its hparams, and leaves other families' hparams
+    alone: a TarFlow saved with a `compile_splines` entry could not be loaded again (its init has no such option)."""
+    from bench.energy_stages import speed_options
+    from bg.models import TarFlowGenerator
+    from tests.test_tarflow_model import TINY
+
+    tarflow = TarFlowGenerator(**TINY)
+    before = dict(tarflow.hparams)
+    speed_options(tarflow, None, False)
+    assert dict(tarflow.hparams) == before
+    TarFlowGenerator(**tarflow.hparams)  # the hparams are still its own init arguments
+
+    nsf = SplitChannelNSF(**tiny_nsf_kwargs)
+    speed_options(nsf, "bfloat16", True)
+    assert nsf.hparams.conditioner_precision == "bfloat16" and nsf.hparams.compile_splines
+    SplitChannelNSF(**nsf.hparams)
