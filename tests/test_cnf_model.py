@@ -203,6 +203,15 @@ def test_solver_bench_pairs_settings_on_the_same_prior_draws(fitted, monkeypatch
         cnf_solvers.parse_setting("rk4")
 
     out = tmp_path / "solvers.md"
+
+    load = bg.load_generator
+
+    def keep_every_sample(path):  # the toy flow's samples all fail the bond check: keep them, so the ESS column is > 0
+        m = load(path)
+        m.hparams.drop_broken, m.hparams.chirality = False, "keep"
+        return m
+
+    monkeypatch.setattr(cnf_solvers.bg, "load_generator", keep_every_sample)
     monkeypatch.setattr(sys, "argv", ["cnf_solvers.py", "--checkpoint", str(ckpt), "--settings", "rk4:2", "euler:4",
                                       "--samples", "4", "--batch", "4", "--energy", "torch", "--out", str(out)])
     cnf_solvers.main()
