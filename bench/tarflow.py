@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--step-size", type=float, nargs="+", default=[1e-6],
                         help="SMC Langevin step size(s), nm² (one SMC run each)")
     parser.add_argument("--ula", action="store_true", help="unadjusted Langevin (default: MALA)")
+    parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear",
+                        help="SMC path: K evenly spaced points, or adaptive (at most K; bg.sampling.SMCSampler)")
+    parser.add_argument("--target-cess", type=float, default=0.95, help="conditional ESS/n per adaptive step")
     parser.add_argument("--train-minutes", type=float, help="training time to print in the table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -90,11 +93,13 @@ def main() -> None:
     smc_stats = {}
     for k_steps, h in [(k, h) for k in args.smc_steps for h in args.step_size]:
         sampler = SMCSampler(n_steps=k_steps, langevin_steps=args.langevin_steps, step_size=h,
-                             metropolis=not args.ula, batch_size=1000)
+                             metropolis=not args.ula, batch_size=1000, schedule=args.schedule,
+                             target_cess=args.target_cess)
         t0 = time.time()
         out = sampler(model.proposal, model.energy, args.smc_particles,
                       generator=torch.Generator().manual_seed(args.seed), progress=True)
-        label = f"SMC K={k_steps}, h={h:g} nm²"
+        label = (f"SMC K={k_steps}, h={h:g} nm²" if args.schedule == "linear" else
+                 f"SMC adaptive (cESS {args.target_cess:g}, {len(out['path'])} points), h={h:g} nm²")
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
                                 resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
                                 ancestors=out["n_ancestors"])
