@@ -116,8 +116,8 @@ def main() -> None:
               + ", ".join(f"{k} {v:.4f}" for k, v in ess_by_com.items()) + ".") if ess_by_com else
              "The body-frame representation removes rigid motions exactly: no centre-of-mass correction.", "",
              "Against the MD test split (energy W2 in kT with energies capped at max(MD) + 20 kT; torsion W2 in rad,"
-             " periodic, mean of φ and ψ; ΔD in nm). The 10 ns MD is not converged (its val block has no αL, its"
-             " test block 18 %), so the torsion W2 is also given against the val block, the other held-out block:", "",
+             " periodic, mean of φ and ψ; ΔD in nm). Held-out blocks of finite MD differ in their rare basins, so the"
+             " torsion W2 is also given against the val block, the other held-out block:", "",
              "| samples | energy W2 | φ/ψ torsion W2 (test) | φ/ψ torsion W2 (val) | ΔD | basins " + " / ".join(BASINS) + " |",
              "|---|---|---|---|---|---|"]
     md_test = basin_populations(ref["angles"][:, 0], ref["angles"][:, 1])
