@@ -55,7 +55,7 @@ bench-nsf: setup
 bench-ddp: setup
 	$(PY) bench/ddp_cpu.py --steps 40 --devices 2 --out bench/results/ddp_cpu.md
 
-# TarFlow on alanine dipeptide: train (~27 min on 2 cores), then proposal vs importance-reweighted vs
+# TarFlow on alanine dipeptide: train (~21 min on 2 cores, + ~27 min of replica exchange on first use), then proposal vs importance-reweighted vs
 # SMC samples against the MD test split (~10 min); writes bench/results/tarflow_aldp.md.
 TARFLOW_RUNS ?= bench/runs/tarflow
 bench-tarflow: setup

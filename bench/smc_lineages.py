@@ -2,8 +2,11 @@
 
     python bench/smc_lineages.py --checkpoint <ckpt> --particles 1000 --steps 100 --step-size 3e-6 --seeds 0 1
     python bench/smc_lineages.py --checkpoint <ckpt> --schedule adaptive --target-cess 0.95 --langevin-steps 5
+    python bench/smc_lineages.py --checkpoint <ckpt> --space latent --step-size 0.01 --schedule adaptive
 
 The sampler's options are ``bg.sampling.SMCSampler``'s (MALA moves; ``--steps`` bounds the adaptive schedule).
+With ``--reference`` (``reference.pt`` of bench/aldp_reference.py) each run's weighted φ/ψ torsion W2 to the long
+reference is printed with 1.5× the reference's split-half floor, the issue's bar.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bg  # noqa: E402
 from bg.analysis import BASINS, basin_populations, phi_psi  # noqa: E402
+from bg.metrics import circular_w2_1d  # noqa: E402
 from bg.sampling import SMCSampler  # noqa: E402
 
 
@@ -31,25 +35,40 @@ def main() -> None:
     parser.add_argument("--langevin-steps", type=int, default=1, help="MALA steps per path point")
     parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear")
     parser.add_argument("--target-cess", type=float, default=0.95, help="conditional ESS/n per adaptive step")
+    parser.add_argument("--space", choices=["data", "latent"], default="data",
+                        help="particles in Cartesian nm or in the flow's latent space (step size in its units²)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reference", help="reference.pt of bench/aldp_reference.py: torsion W2 against it")
     args = parser.parse_args()
     model = bg.load_generator(args.checkpoint)
-    print(f"SMC: {args.particles} particles, {args.schedule} schedule ({args.steps} points at most), "
-          f"{args.langevin_steps} MALA step(s) of h = {args.step_size:g} nm² per point")
+    ref = torch.load(args.reference, weights_only=False) if args.reference else None
+    if ref is not None:
+        print(f"reference {args.reference}: φ > 0 = {ref['phi_positive']:.4f} ± {ref['phi_positive_sigma']:.4f}, "
+              f"split-half torsion W2 {ref['split_half_torsion_w2']:.3f} (bar: 1.5× = "
+              f"{1.5 * ref['split_half_torsion_w2']:.3f})")
+    unit = "nm²" if args.space == "data" else "latent units²"
+    print(f"SMC in {args.space} space: {args.particles} particles, {args.schedule} schedule ({args.steps} points at "
+          f"most), {args.langevin_steps} MALA step(s) of h = {args.step_size:g} {unit} per point")
     print("| seed | time | path points | resamplings | distinct ancestors | final ESS/n | acceptance | basins "
-          + " / ".join(BASINS) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+          + " / ".join(BASINS) + " | φ > 0 | torsion W2 to the reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         torch.manual_seed(seed)
         t0 = time.time()
         sampler = SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000,
-                             langevin_steps=args.langevin_steps, schedule=args.schedule, target_cess=args.target_cess)
+                             langevin_steps=args.langevin_steps, schedule=args.schedule, target_cess=args.target_cess,
+                             space=args.space)
         out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
         b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
+        w = torch.softmax(out["log_w"], 0)
+        phi_positive = float((w * (phi[:, 0] > 0).double()).sum())
+        w2 = "–"
+        if ref is not None:
+            w2 = f"{float(circular_w2_1d(torch.cat([phi, psi], 1), ref['angles'], w).mean()):.3f}"
         print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['path'])} | {len(out['resampled_at'])} | {out['n_ancestors']} | "
               f"{out['ess']:.3f} | {out['acceptance']:.2f} | "
-              + " / ".join(f"{b[k]:.3f}" for k in BASINS) + " |", flush=True)
+              + " / ".join(f"{b[k]:.3f}" for k in BASINS) + f" | {phi_positive:.4f} | {w2} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear",
                         help="SMC path: K evenly spaced points, or adaptive (at most K; bg.sampling.SMCSampler)")
     parser.add_argument("--target-cess", type=float, default=0.95, help="conditional ESS/n per adaptive step")
+    parser.add_argument("--space", choices=["data", "latent"], default="data",
+                        help="SMC particles in Cartesian nm or in the flow's latent space (step sizes in its units²)")
     parser.add_argument("--train-minutes", type=float, help="training time to print in the table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -94,12 +96,13 @@ def main() -> None:
     for k_steps, h in [(k, h) for k in args.smc_steps for h in args.step_size]:
         sampler = SMCSampler(n_steps=k_steps, langevin_steps=args.langevin_steps, step_size=h,
                              metropolis=not args.ula, batch_size=1000, schedule=args.schedule,
-                             target_cess=args.target_cess)
+                             target_cess=args.target_cess, space=args.space)
         t0 = time.time()
         out = sampler(model.proposal, model.energy, args.smc_particles,
                       generator=torch.Generator().manual_seed(args.seed), progress=True)
-        label = (f"SMC K={k_steps}, h={h:g} nm²" if args.schedule == "linear" else
-                 f"SMC adaptive (cESS {args.target_cess:g}, {len(out['path'])} points), h={h:g} nm²")
+        unit = "nm²" if args.space == "data" else "latent units²"
+        label = (f"SMC K={k_steps}, h={h:g} {unit}" if args.schedule == "linear" else
+                 f"SMC adaptive (cESS {args.target_cess:g}, {len(out['path'])} points), h={h:g} {unit}")
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
                                 resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
                                 ancestors=out["n_ancestors"])

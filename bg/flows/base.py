@@ -49,6 +49,25 @@ class Flow(nn.Module):
         """``n`` points ``(n, ...)`` and their log q ``(n,)``."""
         raise NotImplementedError
 
+    # A flow that pushes a fixed base density through a differentiable map exposes the map, so that samplers can
+    # move in its latent space (the flow as a preconditioner): log q(y) = latent_log_prob(z) − log|det ∂y/∂z|.
+    @property
+    def has_latent(self) -> bool:
+        """Whether ``sample_latent``, ``latent_log_prob`` and ``from_latent`` are implemented."""
+        return type(self).from_latent is not Flow.from_latent
+
+    def sample_latent(self, n: int) -> Tensor:
+        """``n`` draws ``(n, ...)`` of the base density."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its latent space")
+
+    def latent_log_prob(self, z: Tensor) -> Tensor:
+        """log density ``(B,)`` of the base at latent points ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its latent space")
+
+    def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent ``z`` → points ``y`` of the flow's space and log|det ∂y/∂z| ``(B,)``, differentiable in ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its latent space")
+
 
 class CartesianDensity(nn.Module):
     """A flow over a representation, as a density of Cartesian positions (see module docstring).
@@ -100,6 +119,26 @@ class CartesianDensity(nn.Module):
         bs = batch_size or max(n, 1)
         parts = [self._draw(min(bs, n - i), context) for i in range(0, n, bs)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @property
+    def has_latent(self) -> bool:
+        """Whether the flow exposes its latent space (``from_latent``)."""
+        return self.flow.has_latent
+
+    def sample_latent(self, n: int) -> Tensor:
+        """``n`` draws of the flow's base density (float64)."""
+        return self.flow.sample_latent(n).double()
+
+    def latent_log_prob(self, z: Tensor) -> Tensor:
+        """log density ``(B,)`` of the flow's base at ``z`` (float64)."""
+        return self.flow.latent_log_prob(z).double()
+
+    def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent ``z`` → frames x ``(B, N, 3)`` nm (float64) and log|det ∂x/∂z| ``(B,)`` in the representation's
+        convention, so that log q(x) = ``latent_log_prob(z)`` − log|det|; differentiable in ``z``."""
+        y, log_det = self.flow.from_latent(z)
+        x, log_det_rep = self.representation.inverse(y.double())
+        return x, log_det.double() + log_det_rep
 
     def log_prob(self, x: Tensor, context: Any = None, **options: Any) -> Tensor:
         """Cartesian log density ``(B,)`` of frames ``(B, N, 3)`` nm; ``options`` go to the flow's ``log_prob``."""

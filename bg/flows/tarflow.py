@@ -163,10 +163,18 @@ class TarFlow(Flow):
 
     def sample(self, n: int, context: Any = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``n`` samples ``(n, T, D)`` and their log q ``(n,)`` (reparameterised: differentiable)."""
-        p = next(self.parameters())
-        z = torch.randn(n, self.n_tokens, self.token_dim, generator=generator, dtype=p.dtype, device=p.device)
+        z = self.sample_latent(n, generator)
         x, log_det = self.inverse(z)
         return x, self.prior_log_prob(z) - log_det
+
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.n_tokens, self.token_dim, generator=generator, dtype=self.dtype, device=self.device)
+
+    def latent_log_prob(self, z: Tensor) -> Tensor:
+        return self.prior_log_prob(z)
+
+    def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inverse(z.to(self.dtype))
 
 
 class CartesianTarFlow(Flow):
@@ -215,6 +223,19 @@ class CartesianTarFlow(Flow):
         x, log_q = self.net_sample(n)
         return x, log_q - self.com_log_density(x)
 
+    def sample_latent(self, n: int) -> Tensor:
+        return self.net.sample_latent(n)
+
+    def latent_log_prob(self, z: Tensor) -> Tensor:
+        return self.net.prior_log_prob(z).double()
+
+    def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent → flow-unit frames with their CoM; the log-determinant includes log h(c), so that
+        ``latent_log_prob(z)`` − it is the frame's extended-space log q, as in ``sample``."""
+        x, log_det = self.net.from_latent(z)
+        x = x.reshape(len(z), self.n_atoms, 3).double()
+        return x, log_det.double() + self.com_log_density(x)
+
     def log_prob(self, y: Tensor, context: Any = None) -> Tensor:
         y = y.double()
         return self.net_log_prob(y) - self.com_log_density(y, "gaussian")
@@ -244,3 +265,13 @@ class FrameTarFlow(Flow):
     def sample(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
         y, log_q = self.net.sample(n)
         return y.reshape(n, *self.shape).double(), log_q.double()
+
+    def sample_latent(self, n: int) -> Tensor:
+        return self.net.sample_latent(n)
+
+    def latent_log_prob(self, z: Tensor) -> Tensor:
+        return self.net.prior_log_prob(z).double()
+
+    def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_det = self.net.from_latent(z)
+        return y.reshape(len(z), *self.shape).double(), log_det.double()

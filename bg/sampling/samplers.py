@@ -16,7 +16,7 @@ weights), ``energy_kT`` ``(n,)``, the sampler's ``name`` under ``sampler`` and i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +25,8 @@ from bg.sampling.importance import importance_sampling
 from bg.sampling.kernels import MALA, ULA
 from bg.sampling.proposal import Energy, Proposal, batched
 from bg.sampling.smc import Schedule, smc
+
+Space = Literal["data", "latent"]
 
 
 class Sampler:
@@ -82,21 +84,24 @@ class SMCSampler(Sampler):
         schedule: ``linear`` (t_k = k / n_steps) or ``adaptive`` (each next t keeps the conditional ESS at
             ``target_cess``; ``n_steps`` bounds the number of points; ``bg.sampling.smc``).
         target_cess: conditional ESS / n per adaptive step.
+        space: where the particles move: ``data`` (the generator's own particle space, Cartesian nm) or
+            ``latent`` (its flow's latent variables, TarFlow only: the flow preconditions the moves, so
+            ``step_size`` is in latent units², ~1e-3–1e-1 instead of ~1e-6 nm²; ``bg.sampling.proposal``).
     """
 
     name = "smc"
 
     def __init__(self, n_steps: int = 100, langevin_steps: int = 1, step_size: float = 1e-6, metropolis: bool = True,
                  ess_threshold: float = 0.5, energy_cut: float | None = None, batch_size: int | None = None,
-                 schedule: Schedule = "linear", target_cess: float = 0.95):
+                 schedule: Schedule = "linear", target_cess: float = 0.95, space: Space = "data"):
         if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
             raise ValueError("SMCSampler: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
-        check_choices(SMCSampler.__init__, dict(schedule=schedule), "SMCSampler ")
+        check_choices(SMCSampler.__init__, dict(schedule=schedule, space=space), "SMCSampler ")
         if not 0 < target_cess < 1:
             raise ValueError(f"SMCSampler: target_cess must lie in (0, 1), got {target_cess}")
         self.n_steps, self.langevin_steps, self.step_size = n_steps, langevin_steps, step_size
         self.metropolis, self.ess_threshold, self.energy_cut = metropolis, ess_threshold, energy_cut
-        self.batch_size, self.schedule, self.target_cess = batch_size, schedule, target_cess
+        self.batch_size, self.schedule, self.target_cess, self.space = batch_size, schedule, target_cess, space
 
     def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
                  progress: bool = False) -> dict[str, Any]:
@@ -105,6 +110,8 @@ class SMCSampler(Sampler):
         if not proposal.differentiable:
             raise ValueError(f"{proposal.name} does not support SMC: the Langevin moves need ∇ log q, which this "
                              "generator does not provide; use sampler: null or bg.sampling.ImportanceSampler")
+        if self.space == "latent":
+            proposal = proposal.latent()
         kernel = (MALA if self.metropolis else ULA)(self.step_size)
         # SMC needs gradients; Lightning's predict and validation loops run in inference mode.
         with torch.inference_mode(False), torch.enable_grad():
