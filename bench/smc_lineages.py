@@ -61,10 +61,10 @@ def main() -> None:
         out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
         b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
-        w = torch.softmax(out["log_w"], 0)
-        phi_positive = float((w * (phi[:, 0] > 0).double()).sum())
+        phi_positive = b["alpha_L"] + b["C7ax"]  # the two basins are the φ > 0 half (bg.analysis.basin_index)
         w2 = "–"
         if ref is not None:
+            w = torch.softmax(out["log_w"], 0)
             w2 = f"{float(circular_w2_1d(torch.cat([phi, psi], 1), ref['angles'], w).mean()):.3f}"
         print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['path'])} | {len(out['resampled_at'])} | {out['n_ancestors']} | "
               f"{out['ess']:.3f} | {out['acceptance']:.2f} | "
