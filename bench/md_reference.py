@@ -47,8 +47,9 @@ def load_reference(data_config: str, model) -> tuple[MDDataModule, dict]:
 
 
 def compare(x: torch.Tensor, u: torch.Tensor, log_w: torch.Tensor | None, ref: dict) -> dict:
-    """Energy W2 (kT; energies capped at max(reference) + 20 kT), φ/ψ torsion W2 (rad, periodic, mean of φ
-    and ψ) against the test and val blocks, ΔD (nm) and basin populations of (weighted) samples."""
+    """Energy W2 and mean energy (kT; energies capped at max(reference) + 20 kT), φ/ψ torsion W2 (rad, periodic, mean of φ
+    and ψ) against the test and val blocks, ΔD (nm) and basin populations of (weighted) samples; with
+    ``ref["u_exact"]`` also the energy W2 to those energies (``energy_w2_exact``)."""
     w = None
     if log_w is not None:
         lw = torch.where(torch.isfinite(log_w) & torch.isfinite(u), log_w, torch.full_like(log_w, -torch.inf))
@@ -58,8 +59,30 @@ def compare(x: torch.Tensor, u: torch.Tensor, log_w: torch.Tensor | None, ref: d
     a = torch.cat([torsions(x, ref["phi_q"]), torsions(x, ref["psi_q"])], 1)
     d = pairwise_distances(x, ref["pairs"])
     mean_d = (d * w[:, None]).sum(0) if w is not None else d.mean(0)
-    return dict(energy_w2=float(w2_1d(uc[:, None], ref["u"][:, None], w)[0]),
+    out = {}
+    if "u_exact" in ref:  # frames of an exact sampler of the same force field (``mala_relaxed``)
+        out["energy_w2_exact"] = float(w2_1d(uc[:, None], ref["u_exact"][:, None].clamp(max=cap), w)[0])
+    return dict(out, energy_w2=float(w2_1d(uc[:, None], ref["u"][:, None], w)[0]),
+                mean_energy=float((uc * w).sum() if w is not None else uc.mean()),
                 torsion_w2=float(circular_w2_1d(a, ref["angles"], w).mean()),
                 torsion_w2_val=float(circular_w2_1d(a, ref["angles_val"], w).mean()),
                 dd=float((mean_d - ref["d_mean"]).abs().mean()),
                 basins=basin_populations(a[:, 0], a[:, 1], log_w))
+
+
+def mala_relaxed(x: torch.Tensor, energy, steps: int, step_size: float = 2e-6, batch_size: int = 1000,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Frames ``x`` ``(F, N, 3)`` nm moved by ``steps`` Metropolis-adjusted Langevin steps (h = ``step_size`` nm²)
+    that leave exp(−u) exactly invariant: MD frames relaxed this way show what an exact sampler of the force field
+    reads against the MD (an integrator's bias in the fast bond vibrations shows up as an energy shift). Returns the
+    frames, their energies (kT) and the acceptance rate."""
+    from bg.sampling.kernels import MALA, Particles
+    from bg.sampling.smc import evaluator
+
+    evaluate = evaluator(lambda s: 0.0 * s.sum((1, 2)), energy, batch_size)  # t = 1: the target alone
+    p, kernel, accepted = Particles(x.double(), *evaluate(x.double())), MALA(step_size), 0
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        p, a = kernel.step(p, 1.0, evaluate, generator)
+        accepted += a
+    return p.x, p.e1, accepted / max(1, steps * len(x))

@@ -3,6 +3,7 @@
     python bench/smc_lineages.py --checkpoint <ckpt> --particles 1000 --steps 100 --step-size 3e-6 --seeds 0 1
     python bench/smc_lineages.py --checkpoint <ckpt> --schedule adaptive --target-cess 0.95 --langevin-steps 5
     python bench/smc_lineages.py --checkpoint <ckpt> --space latent --step-size 0.01 --schedule adaptive
+    python bench/smc_lineages.py --checkpoint <ckpt> --space both --latent-step-size 0.003 --step-size 2e-6
 
 The sampler's options are ``bg.sampling.SMCSampler``'s (MALA moves; ``--steps`` bounds the adaptive schedule).
 With ``--reference`` (``reference.pt`` of bench/aldp_reference.py) each run's weighted φ/ψ torsion W2 to the long
@@ -35,8 +36,10 @@ def main() -> None:
     parser.add_argument("--langevin-steps", type=int, default=1, help="MALA steps per path point")
     parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear")
     parser.add_argument("--target-cess", type=float, default=0.95, help="conditional ESS/n per adaptive step")
-    parser.add_argument("--space", choices=["data", "latent"], default="data",
-                        help="particles in Cartesian nm or in the flow's latent space (step size in its units²)")
+    parser.add_argument("--space", choices=["data", "latent", "both"], default="data",
+                        help="particles in Cartesian nm or in the flow's latent space (step size in its units²); "
+                             "both: a latent move of --latent-step-size, then a Cartesian one of --step-size")
+    parser.add_argument("--latent-step-size", type=float, help="latent units² (--space both)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reference", help="reference.pt of bench/aldp_reference.py: torsion W2 against it")
     args = parser.parse_args()
@@ -46,7 +49,8 @@ def main() -> None:
         print(f"reference {args.reference}: φ > 0 = {ref['phi_positive']:.4f} ± {ref['phi_positive_sigma']:.4f}, "
               f"split-half torsion W2 {ref['split_half_torsion_w2']:.3f} (bar: 1.5× = "
               f"{1.5 * ref['split_half_torsion_w2']:.3f})")
-    unit = "nm²" if args.space == "data" else "latent units²"
+    unit = {"data": "nm²", "latent": "latent units²"}.get(
+        args.space, f"nm² after a latent move of {args.latent_step_size} latent units²")
     print(f"SMC in {args.space} space: {args.particles} particles, {args.schedule} schedule ({args.steps} points at "
           f"most), {args.langevin_steps} MALA step(s) of h = {args.step_size:g} {unit} per point")
     print("| seed | time | path points | resamplings | distinct ancestors | final ESS/n | acceptance | basins "
@@ -57,7 +61,7 @@ def main() -> None:
         t0 = time.time()
         sampler = SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000,
                              langevin_steps=args.langevin_steps, schedule=args.schedule, target_cess=args.target_cess,
-                             space=args.space)
+                             space=args.space, latent_step_size=args.latent_step_size)
         out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
         b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])

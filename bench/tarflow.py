@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bg  # noqa: E402
-from bench.md_reference import compare, load_reference  # noqa: E402
+from bench.md_reference import compare, load_reference, mala_relaxed  # noqa: E402
 from bg.analysis import BASINS, basin_populations, torsions  # noqa: E402
 from bg.coordinates import COM_CORRECTIONS, centred  # noqa: E402
 from bg.metrics import circular_w2_1d, kish_ess  # noqa: E402
@@ -49,8 +49,13 @@ def main() -> None:
     parser.add_argument("--schedule", choices=["linear", "adaptive"], default="linear",
                         help="SMC path: K evenly spaced points, or adaptive (at most K; bg.sampling.SMCSampler)")
     parser.add_argument("--target-cess", type=float, default=0.95, help="conditional ESS/n per adaptive step")
-    parser.add_argument("--space", choices=["data", "latent"], default="data",
-                        help="SMC particles in Cartesian nm or in the flow's latent space (step sizes in its units²)")
+    parser.add_argument("--space", choices=["data", "latent", "both"], default="data",
+                        help="SMC particles in Cartesian nm or in the flow's latent space (step sizes in its units²); "
+                             "both: a latent move of --latent-step-size, then a Cartesian one of --step-size")
+    parser.add_argument("--latent-step-size", type=float, help="latent units² (--space both)")
+    parser.add_argument("--md-relax-steps", type=int, default=0,
+                        help="also move the MD val frames by this many exact MALA steps (h = 2e-6 nm²) and compare them: "
+                             "what an exact sampler of the force field reads against the MD")
     parser.add_argument("--train-minutes", type=float, help="training time to print in the table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -84,28 +89,40 @@ def main() -> None:
                       for kind in COM_CORRECTIONS}
         log_q = lqf - model.flow.com_log_density(xf) - log_scale
     log_w = -u - log_q
-    rows = {"proposal (raw)": compare(x, u, None, ref),
-            "importance-reweighted": compare(x, u, log_w, ref)}
     angles_val = torch.cat([torsions(val, phi_q), torsions(val, psi_q)], 1)
     with torch.no_grad():
         u_val = torch.cat([model.energy(c) for c in val.split(2000)])
+    relaxed = None
+    if args.md_relax_steps:  # an exact sampler's view of the MD: every row also gets its energy W2 to these frames
+        with torch.enable_grad():
+            relaxed = mala_relaxed(val, model.energy, args.md_relax_steps)
+        ref["u_exact"] = relaxed[1]
+        print(f"MD val mean u {float(u_val.mean()):.2f} kT; after {args.md_relax_steps} MALA steps "
+              f"{float(relaxed[1].mean()):.2f} kT; MD test {float(ref['u'].mean()):.2f} kT", flush=True)
+    rows = {"proposal (raw)": compare(x, u, None, ref),
+            "importance-reweighted": compare(x, u, log_w, ref)}
     rows["MD val (floor)"] = compare(val, u_val, None, ref)
     rows["MD val (floor)"]["torsion_w2"] = float(circular_w2_1d(angles_val, ref["angles"]).mean())
+    if relaxed is not None:
+        rows[f"MD val after {args.md_relax_steps} exact MALA steps (acceptance {relaxed[2]:.2f})"] = compare(
+            relaxed[0], relaxed[1], None, ref)
 
     smc_stats = {}
     for k_steps, h in [(k, h) for k in args.smc_steps for h in args.step_size]:
         sampler = SMCSampler(n_steps=k_steps, langevin_steps=args.langevin_steps, step_size=h,
                              metropolis=not args.ula, batch_size=1000, schedule=args.schedule,
-                             target_cess=args.target_cess, space=args.space)
+                             target_cess=args.target_cess, space=args.space, latent_step_size=args.latent_step_size)
         t0 = time.time()
         out = sampler(model.proposal, model.energy, args.smc_particles,
                       generator=torch.Generator().manual_seed(args.seed), progress=True)
-        unit = "nm²" if args.space == "data" else "latent units²"
+        unit = {"data": "nm²", "latent": "latent units²"}.get(
+            args.space, f"nm² after latent moves of {args.latent_step_size} latent units²")
         label = (f"SMC K={k_steps}, h={h:g} {unit}" if args.schedule == "linear" else
                  f"SMC adaptive (cESS {args.target_cess:g}, {len(out['path'])} points), h={h:g} {unit}")
         smc_stats[label] = dict(time=time.time() - t0, ess=out["ess"], acceptance=out["acceptance"],
                                 resamples=len(out["resampled_at"]), rejection=out["rejection_rate"],
-                                ancestors=out["n_ancestors"])
+                                ancestors=out["n_ancestors"], by_kernel=[out.get("acceptance_latent"),
+                                                                         out.get("acceptance_data")])
         rows[label] = compare(out["x"], out["energy_kT"], out["log_w"], ref)
 
     ess = float(kish_ess(log_w))
@@ -118,17 +135,20 @@ def main() -> None:
              ("ESS/n of the same samples under each centre-of-mass correction (bg/coordinates/com.py): "
               + ", ".join(f"{k} {v:.4f}" for k, v in ess_by_com.items()) + ".") if ess_by_com else
              "The body-frame representation removes rigid motions exactly: no centre-of-mass correction.", "",
-             "Against the MD test split (energy W2 in kT with energies capped at max(MD) + 20 kT; torsion W2 in rad,"
+             "Against the MD test split (energy W2 and mean energy in kT with energies capped at max(MD) + 20 kT; torsion W2 in rad,"
              " periodic, mean of φ and ψ; ΔD in nm). Held-out blocks of finite MD differ in their rare basins, so the"
              " torsion W2 is also given against the val block, the other held-out block:", "",
-             "| samples | energy W2 | φ/ψ torsion W2 (test) | φ/ψ torsion W2 (val) | ΔD | basins " + " / ".join(BASINS) + " |",
-             "|---|---|---|---|---|---|"]
+             "| samples | energy W2 | mean energy | φ/ψ torsion W2 (test) | φ/ψ torsion W2 (val) | ΔD | basins "
+             + " / ".join(BASINS) + " |" + (" energy W2 to the relaxed MD val |" if relaxed is not None else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if relaxed is not None else "")]
     md_test = basin_populations(ref["angles"][:, 0], ref["angles"][:, 1])
     for label, r in rows.items():
         b = " / ".join(f"{r['basins'][k]:.3f}" for k in BASINS)
-        lines.append(f"| {label} | {r['energy_w2']:.3f} | {r['torsion_w2']:.3f} | {r['torsion_w2_val']:.3f} | {r['dd']:.4f} | {b} |")
+        exact = f" {r['energy_w2_exact']:.3f} |" if "energy_w2_exact" in r else ""
+        lines.append(f"| {label} | {r['energy_w2']:.3f} | {r['mean_energy']:.2f} | {r['torsion_w2']:.3f} | {r['torsion_w2_val']:.3f} | {r['dd']:.4f} | {b} |{exact}")
     test_vs_val = float(circular_w2_1d(ref["angles"], ref["angles_val"]).mean())
-    lines.append(f"| MD test (reference) | 0 | 0 | {test_vs_val:.3f} | 0 | " + " / ".join(f"{md_test[k]:.3f}" for k in BASINS) + " |")
+    lines.append(f"| MD test (reference) | 0 | {float(ref['u'].mean()):.2f} | 0 | {test_vs_val:.3f} | 0 | "
+                 + " / ".join(f"{md_test[k]:.3f}" for k in BASINS) + " |" + (" – |" if relaxed is not None else ""))
     lines += ["", f"SMC: {args.smc_particles} particles, K path points (ending at t = 1), "
               f"{args.langevin_steps} {'ULA' if args.ula else 'MALA'} step(s) each, resampling at ESS < 0.5, "
               "final weights used (no final resampling):", "",
@@ -136,6 +156,8 @@ def main() -> None:
               "|---|---|---|---|---|---|---|"]
     for label, s in smc_stats.items():
         acc = f"{s['acceptance']:.3f}" if s["acceptance"] is not None else "—"
+        if s["by_kernel"][0] is not None:
+            acc = f"latent {s['by_kernel'][0]:.3f}, Cartesian {s['by_kernel'][1]:.3f}"
         lines.append(f"| {label} | {s['time']:.0f} s | {s['ess']:.3f} | {acc} | {s['resamples']} | {s['ancestors']} | "
                      f"{s['rejection']:.4f} |")
     text = "\n".join(lines) + "\n"

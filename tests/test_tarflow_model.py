@@ -192,3 +192,12 @@ def test_the_latent_map_gives_the_flows_density_and_smc_moves_there(which, reque
     out = SMCSampler(n_steps=3, langevin_steps=1, step_size=step, batch_size=16, space="latent")(
         m.proposal, m.energy, 16, generator=torch.Generator().manual_seed(0))
     assert out["x"].shape == (16, 22, 3) and torch.isfinite(out["energy_kT"]).all() and 0 < out["acceptance"] <= 1
+    if which == "framed":  # the parallel forward pass is the sequential inverse's inverse
+        torch.testing.assert_close(density.to_latent(x), z, rtol=0, atol=1e-8)
+        both = SMCSampler(n_steps=3, langevin_steps=1, step_size=1e-7, batch_size=16, space="both",
+                          latent_step_size=1e-3)(m.proposal, m.energy, 16, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(both["energy_kT"]).all() and 0 < both["acceptance_latent"] <= 1
+    else:  # its particles carry a CoM the latent map of centred frames cannot give back
+        assert not density.has_to_latent
+        with pytest.raises(ValueError, match="cannot map its particles"):
+            SMCSampler(space="both", latent_step_size=1e-3)(m.proposal, m.energy, 4)

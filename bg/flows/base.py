@@ -68,6 +68,15 @@ class Flow(nn.Module):
         """Latent ``z`` → points ``y`` of the flow's space and log|det ∂y/∂z| ``(B,)``, differentiable in ``z``."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its latent space")
 
+    @property
+    def has_to_latent(self) -> bool:
+        """Whether ``to_latent`` (points → latent, the inverse of ``from_latent``) is implemented."""
+        return type(self).to_latent is not Flow.to_latent
+
+    def to_latent(self, y: Tensor) -> Tensor:
+        """Points ``y`` of the flow's space → their latent ``z`` (``from_latent(to_latent(y))[0] == y``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not map its points to its latent space")
+
 
 class CartesianDensity(nn.Module):
     """A flow over a representation, as a density of Cartesian positions (see module docstring).
@@ -132,6 +141,16 @@ class CartesianDensity(nn.Module):
     def latent_log_prob(self, z: Tensor) -> Tensor:
         """log density ``(B,)`` of the flow's base at ``z`` (float64)."""
         return self.flow.latent_log_prob(z).double()
+
+    @property
+    def has_to_latent(self) -> bool:
+        """Whether frames can be mapped to the flow's latent space (``to_latent``)."""
+        return self.flow.has_to_latent
+
+    def to_latent(self, x: Tensor) -> Tensor:
+        """Frames ``(B, N, 3)`` nm → the flow's latent ``z`` (``from_latent``'s inverse up to the rigid motion the
+        representation removes)."""
+        return self.flow.to_latent(self.representation(x.double())[0])
 
     def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent ``z`` → frames x ``(B, N, 3)`` nm (float64) and log|det ∂x/∂z| ``(B,)`` in the representation's

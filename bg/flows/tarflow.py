@@ -176,6 +176,9 @@ class TarFlow(Flow):
     def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self.inverse(z.to(self.dtype))
 
+    def to_latent(self, x: Tensor) -> Tensor:
+        return self(x.to(self.dtype))[0]
+
 
 class CartesianTarFlow(Flow):
     """A TarFlow over the 3N numbers of centred, scaled frames ``(B, N, 3)`` with their CoM (module docstring).
@@ -275,3 +278,6 @@ class FrameTarFlow(Flow):
     def from_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
         y, log_det = self.net.from_latent(z)
         return y.reshape(len(z), *self.shape).double(), log_det.double()
+
+    def to_latent(self, y: Tensor) -> Tensor:
+        return self.net.to_latent(y.reshape(len(y), *self.token_shape))

@@ -21,12 +21,14 @@ import math
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import mdtraj as md
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from bg.choices import check_choices
+from bg.coordinates.rotors import rotor_groups, turn_rotors
 from bg.energy import LazyTargetEnergy, linlog_cut
 from bg.energy.factory import Backend
 from bg.flows import CartesianDensity
@@ -62,6 +64,9 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             optimizer update, counted as ``train/skipped_steps``); this many in a row stop the run.
         mcmc_steps, mcmc_step_size: Metropolis-adjusted Langevin steps (step size h in nm²; the move is
             −h∇u + √(2h)ξ) that refine the flow's samples towards exp(−u) in the ``nll_mcmc`` term.
+        augment_rotors: turn every methyl / NH3+ group of each training frame by a random multiple of 120°
+            (a cyclic relabelling of its hydrogens, ``bg.coordinates.rotors``): the same target, 3^G times the
+            distinct frames. Checked on each molecule's first training frames: u must not change under the turns.
 
     Batch sizes are per device (DataModule ``batch_size``, ``w2_batch_size``, ``kl_batch_size``);
     ``predict_samples`` and the evaluation callbacks' ``n_samples`` are totals over all ranks.
@@ -74,7 +79,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
                  optimizer: Optimizer = "adamw", energy_backend: Backend = "auto", energy_compile: bool = False,
                  energy_cut: float = 1e3, energy_workers: int = 0, sample_batch_size: int = 1000,
                  predict_samples: int = 10_000, sampler: Sampler | None = None, max_skipped_in_a_row: int = 20,
-                 mcmc_steps: int = 20, mcmc_step_size: float = 1e-6):
+                 mcmc_steps: int = 20, mcmc_step_size: float = 1e-6, augment_rotors: bool = False):
         super().__init__()
         # every family's options and these, in one place (the frames of the subclasses' __init__ included)
         self.save_hyperparameters(ignore=["sampler"])
@@ -93,6 +98,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         self.system: MolecularSystem | None = None
         self.target: LazyTargetEnergy | None = None
         self.density: CartesianDensity | None = None
+        self._rotors: dict[str, Tensor] = {}  # system name → rotor hydrogen triples, checked (augment_rotors)
 
     # ------------------------------------------------------------------ building
     def check_loss_weights(self, weights: dict[str, float]) -> None:
@@ -119,6 +125,31 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         if train_positions is not None:
             density.fit(train_positions)
         self.density = density.to(self.device)
+
+    def rotors(self, x: Tensor) -> Tensor:
+        """The current molecule's rotor hydrogen triples ``(G, 3)`` (``bg.coordinates.rotors``), found and checked
+        on its first frames ``x`` ``(B, N, 3)`` nm: turning them must leave u unchanged (to 1e-6 relative, at least
+        1e-6 kT: summation order in a single-precision OpenMM platform), or a force field that gives a group's
+        hydrogens different parameters would make the augmentation wrong."""
+        name = self.system.name
+        if name not in self._rotors:
+            groups = rotor_groups(self.topology)
+            x = x[:4].detach().double()
+            change, tolerance = 0.0, 1e-6
+            if len(groups):
+                with torch.no_grad():
+                    u = self.energy(x)
+                    change = (self.energy(turn_rotors(x, groups)) - u).abs().max().item()
+                tolerance = 1e-6 * max(1.0, u.abs().max().item())
+            else:
+                rank_zero_warn(f"model.augment_rotors: {name} has no methyl or NH3+ group; its frames are not turned")
+            if not change <= tolerance:
+                names = [[self.topology.atom(int(i)).name for i in g] for g in groups]
+                raise ValueError(f"model.augment_rotors: turning the rotor hydrogens {names} of {name} changes the "
+                                 f"energy by up to {change:.3g} kT, so they are not equivalent in this force field; "
+                                 "set model.augment_rotors: false")
+            self._rotors[name] = groups
+        return self._rotors[name]
 
     def new_target(self, system: MolecularSystem) -> LazyTargetEnergy:
         """The target energy of ``system`` with the model's energy settings."""
@@ -351,6 +382,8 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
+        if self.hparams.augment_rotors:
+            x = turn_rotors(x, self.rotors(x))
         loss, logs = self.weighted_loss(x)
         if not self.guard.check_loss(loss, logs, self.global_rank, self.global_step):
             return self.guard.nan_loss(self.parameters())

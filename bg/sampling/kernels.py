@@ -6,6 +6,12 @@ two gradients are kept apart so that one evaluation gives ∇E_t for any t.
 
 - :class:`ULA`: unadjusted Langevin, x' = x − h ∇E_t(x) + √(2h) ξ (biased at finite h).
 - :class:`MALA`: the same proposal with a Metropolis–Hastings correction (exact at every t).
+- :class:`LatentMove`: a kernel run in a flow's latent space z (x = f(z)) on particles that live in data space:
+  exp(−E_t) pulled back through f is exp(−E_t(f(z)) + log|det ∂x/∂z|), so a move that keeps that invariant in z
+  keeps exp(−E_t) invariant in x.
+- :class:`Alternating`: several kernels one after the other (e.g. latent moves for the slow, collective
+  coordinates, then Cartesian moves for the bonds the flow has wrong); each leaves exp(−E_t) invariant, so does
+  their composition.
 """
 
 from __future__ import annotations
@@ -88,3 +94,56 @@ class MALA(ULA):
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=p.x.device)
         accept = torch.isfinite(e_t_new) & (torch.log(u) < log_alpha)
         return p.where(accept, new), int(accept.sum())
+
+
+class LatentMove:
+    """``kernel`` applied in a flow's latent space to data-space particles (see module docstring).
+
+    Args:
+        kernel: the move in latent space (``MALA`` or ``ULA``; its step size is in latent units²).
+        to_latent: data particles ``(n, *event)`` → latent ``(n, *latent)`` (the flow's inverse map, no gradients).
+        from_latent: latent → data particles (no gradients).
+        latent_evaluate: ``z -> (E0, E1, ∇E0, ∇E1)`` of the pulled-back energies, E0 = −log base(z) and
+            E1 = u(f(z)) − log|det ∂x/∂z| (their difference is the data-space E1 − E0 at x = f(z)).
+    """
+
+    def __init__(self, kernel: ULA, to_latent: Callable[[Tensor], Tensor], from_latent: Callable[[Tensor], Tensor],
+                 latent_evaluate: Evaluate):
+        self.kernel, self.to_latent, self.from_latent, self.latent_evaluate = kernel, to_latent, from_latent, latent_evaluate
+        self.adjusted = kernel.adjusted
+
+    def step(self, p: Particles, t: float, evaluate: Evaluate,
+             generator: torch.Generator | None = None) -> tuple[Particles, int]:
+        z = self.to_latent(p.x)
+        moved, accepted = self.kernel.step(Particles(z, *self.latent_evaluate(z)), t, self.latent_evaluate, generator)
+        x = self.from_latent(moved.x).to(p.x.dtype)
+        return Particles(x, *evaluate(x)), accepted
+
+
+class Alternating:
+    """The kernels ``kernels`` one after the other at each step; ``accepted`` keeps each one's total of accepted
+    proposals (``step`` returns their mean, so that the loop's acceptance rate stays a rate)."""
+
+    def __init__(self, kernels: list):
+        if not kernels:
+            raise ValueError("Alternating needs at least one kernel")
+        self.kernels = list(kernels)
+        self.adjusted = all(k.adjusted for k in self.kernels)
+        self.accepted = [0] * len(self.kernels)
+        self.proposed = 0
+
+    def step(self, p: Particles, t: float, evaluate: Evaluate,
+             generator: torch.Generator | None = None) -> tuple[Particles, int]:
+        total = 0
+        for i, kernel in enumerate(self.kernels):
+            p, accepted = kernel.step(p, t, evaluate, generator)
+            self.accepted[i] += accepted
+            total += accepted
+        self.proposed += len(p.x)
+        return p, round(total / len(self.kernels))
+
+    @property
+    def acceptance(self) -> list[float | None]:
+        """Each kernel's acceptance rate so far (``None`` for an unadjusted kernel or before any step)."""
+        return [a / self.proposed if self.proposed and k.adjusted else None
+                for a, k in zip(self.accepted, self.kernels)]

@@ -19,7 +19,9 @@ variables z (x = f(z)): the source is the flow's base density and the target u(f
 push-forward is exp(−u). Langevin moves there see the target through the flow ("neural transport", Hoffman et
 al. 2019): as far as the flow has learned the stiff directions (bond lengths), steps can be far larger than in
 Cartesian space; where it has them wrong, the latent coordinates are as stiff (bench/results/tarflow_stages.md).
-The incremental SMC weights are unchanged: E1 − E0 = u(x) + log q(x) in either space.
+The incremental SMC weights are unchanged: E1 − E0 = u(x) + log q(x) in either space. Where the flow also maps
+frames to latents (``to_latent``, the TarFlow's parallel forward pass), SMC can keep its particles in data space
+and alternate latent and Cartesian moves (``SMCSampler(space="both")``, ``bg.sampling.kernels.LatentMove``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,19 @@ class Proposal:
     def target(self, u: Energy) -> Energy:
         """The target energy on particles (kT), whose frame marginal is exp(−u)."""
         return u
+
+    def require_to_latent(self) -> None:
+        """Raise unless ``to_latent`` works for this generator."""
+        if not getattr(self.density, "has_to_latent", False):
+            raise ValueError(f"{self.name} cannot map its particles to its flow's latent space; moves that alternate "
+                             "latent and data space need a flow with to_latent (the body-frame TarFlow); use space: "
+                             "data or latent")
+
+    @torch.no_grad()
+    def to_latent(self, s: Tensor) -> Tensor:
+        """Particles → the flow's latent variables (batched, no gradients)."""
+        self.require_to_latent()
+        return batched(lambda c: self.density.to_latent(self.frames(c)), s, self.batch_size)
 
     def latent(self) -> "LatentProposal":
         """This generator with its flow's latent variables as the particle space (see module docstring)."""

@@ -22,11 +22,11 @@ import torch
 
 from bg.choices import check_choices
 from bg.sampling.importance import importance_sampling
-from bg.sampling.kernels import MALA, ULA
+from bg.sampling.kernels import MALA, ULA, Alternating, LatentMove
 from bg.sampling.proposal import Energy, Proposal, batched
-from bg.sampling.smc import Schedule, smc
+from bg.sampling.smc import Schedule, evaluator, smc
 
-Space = Literal["data", "latent"]
+Space = Literal["data", "latent", "both"]
 
 
 class Sampler:
@@ -87,14 +87,17 @@ class SMCSampler(Sampler):
         space: where the particles move: ``data`` (the generator's own particle space, Cartesian nm) or
             ``latent`` (its flow's latent variables, TarFlow only: the flow preconditions the moves, so
             ``step_size`` is in latent units², 1e-3–1e-2 for the alanine-dipeptide TarFlow instead of ~2e-6 nm²;
-            ``bg.sampling.proposal``).
+            ``bg.sampling.proposal``) or ``both`` (data-space particles; each Langevin step is a latent move of
+            ``latent_step_size`` then a data-space move of ``step_size``; body-frame TarFlow only).
+        latent_step_size: h of the latent moves with ``space: both`` (latent units²; required there).
     """
 
     name = "smc"
 
     def __init__(self, n_steps: int = 100, langevin_steps: int = 1, step_size: float = 1e-6, metropolis: bool = True,
                  ess_threshold: float = 0.5, energy_cut: float | None = None, batch_size: int | None = None,
-                 schedule: Schedule = "linear", target_cess: float = 0.95, space: Space = "data"):
+                 schedule: Schedule = "linear", target_cess: float = 0.95, space: Space = "data",
+                 latent_step_size: float | None = None):
         if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
             raise ValueError("SMCSampler: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
         check_choices(SMCSampler.__init__, dict(schedule=schedule, space=space), "SMCSampler ")
@@ -103,6 +106,20 @@ class SMCSampler(Sampler):
         self.n_steps, self.langevin_steps, self.step_size = n_steps, langevin_steps, step_size
         self.metropolis, self.ess_threshold, self.energy_cut = metropolis, ess_threshold, energy_cut
         self.batch_size, self.schedule, self.target_cess, self.space = batch_size, schedule, target_cess, space
+        if space == "both" and (latent_step_size is None or latent_step_size <= 0):
+            raise ValueError("SMCSampler with space: both needs latent_step_size > 0 (latent units², e.g. 3.0e-3)")
+        self.latent_step_size = latent_step_size
+
+    def kernel(self, proposal: Proposal, target: Energy):
+        """The MCMC kernel of ``space`` for ``proposal`` (whose particle space is already the chosen one)."""
+        make = MALA if self.metropolis else ULA
+        if self.space != "both":
+            return make(self.step_size)
+        latent = proposal.latent()
+        proposal.require_to_latent()
+        latent_move = LatentMove(make(self.latent_step_size), proposal.to_latent, latent.frames,
+                                 evaluator(lambda z: -latent.log_prob(z), latent.target(target), self.batch_size))
+        return Alternating([latent_move, make(self.step_size)])
 
     def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
                  progress: bool = False) -> dict[str, Any]:
@@ -113,7 +130,7 @@ class SMCSampler(Sampler):
                              "generator does not provide; use sampler: null or bg.sampling.ImportanceSampler")
         if self.space == "latent":
             proposal = proposal.latent()
-        kernel = (MALA if self.metropolis else ULA)(self.step_size)
+        kernel = self.kernel(proposal, target)
         # SMC needs gradients; Lightning's predict and validation loops run in inference mode.
         with torch.inference_mode(False), torch.enable_grad():
             res = smc(proposal.particles(n), lambda s: -proposal.log_prob(s), proposal.target(target),
@@ -124,6 +141,9 @@ class SMCSampler(Sampler):
         x = proposal.frames(res.x).double()
         with torch.no_grad():
             u = batched(target, x, proposal.batch_size)
-        return dict(x=x, log_w=res.log_w, energy_kT=u, sampler=self.name, ess=res.ess, log_z=res.log_z,
-                    ess_history=res.ess_history, path=res.path, resampled_at=res.resampled_at, acceptance=res.acceptance,
-                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)
+        out = dict(x=x, log_w=res.log_w, energy_kT=u, sampler=self.name, ess=res.ess, log_z=res.log_z,
+                   ess_history=res.ess_history, path=res.path, resampled_at=res.resampled_at, acceptance=res.acceptance,
+                   n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)
+        if isinstance(kernel, Alternating):  # latent, then data-space moves
+            out["acceptance_latent"], out["acceptance_data"] = kernel.acceptance
+        return out

@@ -109,6 +109,11 @@ def _energies(x: Tensor, source: Energy, target: Energy, grad: bool, batch_size:
     return tuple(torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4))
 
 
+def evaluator(source: Energy, target: Energy, batch_size: int | None = None):
+    """``x -> (E0, E1, ∇E0, ∇E1)`` for kernels (``bg.sampling.kernels``), in chunks of ``batch_size`` particles."""
+    return partial(_energies, source=source, target=target, grad=True, batch_size=batch_size)
+
+
 def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 100, langevin_steps: int = 1,
         step_size: float = 1e-3, metropolis: bool = False, ess_threshold: float = 0.5,
         energy_cut: float | None = None, batch_size: int | None = None, generator: torch.Generator | None = None,
@@ -129,7 +134,7 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
         batch_size: particles per energy/gradient evaluation (bounds memory); ``None``: all at once.
         generator: random stream of the noise and of resampling.
         progress: show a progress bar over the path points (stderr).
-        kernel: an MCMC kernel with ``step(particles, t, evaluate, generator)``.
+        kernel: an MCMC kernel with ``step(particles, t, evaluate, generator)`` (``bg.sampling.kernels``).
         schedule: ``"linear"`` (t_k = k/K) or ``"adaptive"`` (see module docstring).
         target_cess: the conditional ESS / n each adaptive step keeps (0 < target_cess < 1).
     """
@@ -140,7 +145,7 @@ def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 
         raise ValueError(f"smc: target_cess must lie in (0, 1), got {target_cess}")
     kernel = kernel or (MALA(step_size) if metropolis else ULA(step_size))
     n = x.shape[0]
-    evaluate = partial(_energies, source=source_energy, target=target_energy, grad=True, batch_size=batch_size)
+    evaluate = evaluator(source_energy, target_energy, batch_size)
     p = Particles(x.detach(), *_energies(x.detach(), source_energy, target_energy, langevin_steps > 0, batch_size))
     log_w = torch.zeros(n, dtype=torch.float64, device=x.device)
     cut = _EnergyCut(energy_cut)
