@@ -80,5 +80,5 @@ def mala_relaxed(x: torch.Tensor, energy, steps: int, step_size: float = 2e-6, b
     from bg.sampling.smc import at_target
 
     p, accepted = at_target(x.double(), energy, MALA(step_size), steps, batch_size,
-                            torch.Generator().manual_seed(seed), progress=True)
+                            torch.Generator().manual_seed(seed))
     return p.x, p.e1, accepted / max(1, steps * len(x))
