@@ -111,7 +111,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
 
     model = bg.load_generator(args.checkpoint)
     energy = model.energy if args.energy == "torch" else target_energy(model.system, backend="openmm", n_workers=0)
@@ -146,4 +145,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Here and not in main(): the tests call main() inside a pytest worker, whose thread count must stay 1.
+    torch.set_num_threads(os.cpu_count() or 1)
     main()

@@ -8,17 +8,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one pytest-xdist worker per core: one thread each (and in the `bg` subprocesses they
-    # start), or the two workers' torch thread pools fight over the same two cores.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+# One torch thread in every test process. `make test` runs one pytest-xdist worker per core, whose thread pools
+# would otherwise fight over the same two cores (and so would the `bg` subprocesses they start); and the ranks
+# that tests/test_ddp.py forks hang if their parent ever ran OpenMP with more threads (torch_threads_unchanged).
+# Set before torch loads its OpenMP runtime, which reads the variable once.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from bg.systems import MDSettings, aldp, load_md, simulate
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from bg.systems import MDSettings, aldp, load_md, simulate  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_unchanged():
+    """Fail a test that leaves torch's thread count changed (and restore it). Once a parallel region has run with
+    two threads, the worker's GNU OpenMP keeps a thread pool, and the ranks that tests/test_ddp.py forks from the
+    same worker hang in their first parallel region (2026-12-05: bench/cnf_solvers.main() set 2 threads and the
+    next DDP test in that worker hung in libgomp)."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"this test changed torch's thread count from {before} to {after}: a forked DDP rank started from "
+                    "this worker later hangs in OpenMP; set the thread count only under `if __name__ == '__main__'`")
 
 
 def predicted_folder(output: str) -> Path:

@@ -61,6 +61,11 @@ def _children() -> list[int]:
 def _forked_ddp() -> DDPStrategy:
     # Collectives and the rendezvous give up after 2 minutes (default 30): a stuck rank fails the test
     # with gloo's timeout error instead of sleeping until pytest-timeout.
+    # A forked rank inherits the parent's GNU OpenMP state: if the parent ever ran a parallel region with more
+    # than one thread, its pool threads do not exist in the child and the child's first parallel region waits
+    # for them for ever. The parent must have stayed at one thread (conftest sets it; see torch_threads_unchanged).
+    assert torch.get_num_threads() == 1, (
+        f"this process runs torch with {torch.get_num_threads()} threads: forked ranks would hang in OpenMP")
     return DDPStrategy(start_method="fork", timeout=timedelta(seconds=120))
 
 
