@@ -76,13 +76,9 @@ def mala_relaxed(x: torch.Tensor, energy, steps: int, step_size: float = 2e-6, b
     that leave exp(−u) exactly invariant: MD frames relaxed this way show what an exact sampler of the force field
     reads against the MD (an integrator's bias in the fast bond vibrations shows up as an energy shift). Returns the
     frames, their energies (kT) and the acceptance rate."""
-    from bg.sampling.kernels import MALA, Particles
-    from bg.sampling.smc import evaluator
+    from bg.sampling.kernels import MALA
+    from bg.sampling.smc import at_target
 
-    evaluate = evaluator(lambda s: 0.0 * s.sum((1, 2)), energy, batch_size)  # t = 1: the target alone
-    p, kernel, accepted = Particles(x.double(), *evaluate(x.double())), MALA(step_size), 0
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        p, a = kernel.step(p, 1.0, evaluate, generator)
-        accepted += a
+    p, accepted = at_target(x.double(), energy, MALA(step_size), steps, batch_size,
+                            torch.Generator().manual_seed(seed), progress=True)
     return p.x, p.e1, accepted / max(1, steps * len(x))

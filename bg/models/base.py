@@ -311,25 +311,14 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         stiff coordinates a flow gets slightly wrong: bonds, angles), so fitting q to them moves q towards
         the target, with q = target as the fixed point. Mass-covering like the NLL on data, and needs no
         data: an unlimited supply of near-equilibrium frames. Logs ``train/mcmc_acceptance``."""
-        from bg.sampling.kernels import MALA, Particles
+        from bg.sampling.kernels import MALA
+        from bg.sampling.smc import at_target
 
         n = self.hparams.kl_batch_size
-
-        def evaluate(z: Tensor):
-            z = z.detach().requires_grad_(True)
-            with torch.enable_grad():
-                u = self.training_energy(z)
-                (g,) = torch.autograd.grad(torch.where(torch.isfinite(u), u, 0.0).sum(), z)
-            zero = torch.zeros_like(u)
-            return zero, u.detach(), torch.zeros_like(g), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-
         with torch.no_grad():
             xs, _ = self.density.sample(n)
-        kernel, accepted = MALA(self.hparams.mcmc_step_size), 0
-        particles = Particles(xs, *evaluate(xs))
-        for _ in range(self.hparams.mcmc_steps):
-            particles, k = kernel.step(particles, 1.0, evaluate)
-            accepted += k
+        particles, accepted = at_target(xs, self.training_energy, MALA(self.hparams.mcmc_step_size),
+                                        self.hparams.mcmc_steps)
         if self._trainer is not None and self.hparams.mcmc_steps:
             self.log("train/mcmc_acceptance", accepted / (n * self.hparams.mcmc_steps), on_step=True,
                      on_epoch=False, batch_size=n)

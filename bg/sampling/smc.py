@@ -114,6 +114,18 @@ def evaluator(source: Energy, target: Energy, batch_size: int | None = None):
     return partial(_energies, source=source, target=target, grad=True, batch_size=batch_size)
 
 
+def at_target(x: Tensor, target_energy: Energy, kernel: ULA, steps: int, batch_size: int | None = None,
+              generator: torch.Generator | None = None, progress: bool = False) -> tuple[Particles, int]:
+    """``steps`` moves of ``kernel`` at the end of the path (t = 1, exp(−E1) alone) from ``x`` ``(n, *event)``: the
+    particles (``x``, ``e1`` = E1, ``g1``) and how many proposals were accepted (``progress``: a bar on stderr)."""
+    evaluate = evaluator(lambda s: 0.0 * s.flatten(1).sum(1), target_energy, batch_size)  # E0 plays no part at t = 1
+    p, accepted = Particles(x.detach(), *evaluate(x.detach())), 0
+    for _ in tqdm(range(steps), desc="MCMC at the target", disable=not progress, leave=False):
+        p, k = kernel.step(p, 1.0, evaluate, generator)
+        accepted += k
+    return p, accepted
+
+
 def smc(x: Tensor, source_energy: Energy, target_energy: Energy, n_steps: int = 100, langevin_steps: int = 1,
         step_size: float = 1e-3, metropolis: bool = False, ess_threshold: float = 0.5,
         energy_cut: float | None = None, batch_size: int | None = None, generator: torch.Generator | None = None,
