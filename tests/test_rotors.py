@@ -77,3 +77,35 @@ def test_training_step_learns_from_turned_frames_and_refuses_inequivalent_hydrog
     broken.energy = lambda x: x[:, h].square().sum(-1) * 100.0
     with pytest.raises(ValueError, match="not equivalent in this force field"):
         broken.training_step([batch], 0)
+
+
+def test_a_transferable_model_turns_each_peptides_own_rotors(tiny_peptide_set):
+    """Each batch binds its peptide; the turns use that peptide's groups (G: the two cap methyls; A: + CB's) and
+    its own torch force field, and are checked once per peptide."""
+    from bg.models import BoltzmannGenerator, TransferableNSF
+    from datamodules import PeptideSetDataModule
+
+    cache, spec, _ = tiny_peptide_set
+    dm = PeptideSetDataModule(str(spec), cache_dir=str(cache), batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = TransferableNSF(backbone_layers=2, sidechain_layers=2, bins=4, width=8, depth=1, attention_dim=8,
+                            augment_rotors=True)
+    model.fit_to_frames(dm.positions["train"])
+    model.double()
+    model.log = model.log_dict = lambda *a, **k: None
+    seen = []
+    for name, n_groups in (("G", 2), ("A", 3), ("G", 2)):
+        model.bind(dm.system(name))
+        model.log_prob = lambda x: seen.append(x) or model.density.log_prob(x)
+        batch = dm.positions["train"][dm.molecules.index(name)][:8].double()
+        loss = BoltzmannGenerator.training_step(model, [batch], 0)
+        assert torch.isfinite(loss)
+        groups = model._rotors[model.system.name]
+        assert groups.shape == (n_groups, 3)
+        assert not torch.equal(seen[-1], batch)
+        others = torch.ones(batch.shape[1], dtype=torch.bool)
+        others[groups.reshape(-1)] = False
+        assert torch.equal(seen[-1][:, others], batch[:, others])
+        torch.testing.assert_close(model.energy(seen[-1]), model.energy(batch), rtol=0, atol=1e-6)
+    assert len(model._rotors) == 2  # one check per peptide
