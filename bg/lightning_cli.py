@@ -47,6 +47,8 @@ TRAINER_DEFAULTS = {
         "init_args": {"project": "bg", "save_dir": "runs", "offline": True},
     },
     "enable_autolog_hparams": False,
+    # without a logger (--trainer.logger false) the config, figures and checkpoints go here, not into the cwd
+    "default_root_dir": "runs",
 }
 
 

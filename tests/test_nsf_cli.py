@@ -151,6 +151,15 @@ def test_wandb_offline_default_prints_where_the_run_is(tmp_path, aldp_data_args,
     assert "wrote 50 samples" in out and sorted(run_dir.parent.glob("offline-run-*")) == runs  # no empty W&B run
 
 
+def test_fit_without_a_logger_writes_under_runs_not_the_working_directory(tmp_path, aldp_data_args, tiny_nsf_kwargs):
+    small = shrink(tmp_path, aldp_data_args, tiny_nsf_kwargs)
+    before = set(tmp_path.iterdir())
+    run(["fit", "--config", str(CONFIG), "--config", str(small), "--trainer.max_epochs=1", "--trainer.logger=false"],
+        tmp_path)
+    assert (tmp_path / "runs" / "bg_config.yaml").exists() and (tmp_path / "runs" / "figures").is_dir()
+    assert {p.name for p in set(tmp_path.iterdir()) - before} <= {"runs", "ckpt", "samples"}
+
+
 def test_lightning_alias_and_help():
     exe = Path(sys.executable).parent / "lightning"
     if not exe.exists():
