@@ -16,6 +16,10 @@ they carry no weight and would own every fit. This is how the alanine dipeptide 
 traced to close contacts rather than to marginals (bench/results/aldp_weight_variance.md).
 
     python bench/weight_variance.py --checkpoint label=path [--checkpoint ...] --out bench/results/aldp_weight_variance.md
+
+A transferable generator (one checkpoint, many peptides) is read once per peptide of ``--sequences``
+(one-letter codes, capped as the peptide sets build them, e.g. ``--sequences G,L,N,V,Y``): which coordinates
+of a peptide the model never saw carry its weight variance.
 """
 
 from __future__ import annotations
@@ -125,12 +129,27 @@ def markdown(label: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def peptides(model, sequences: str | None) -> list[str | None]:
+    """The peptides to read ``model`` on: ``[None]`` (its own molecule) for a single-molecule generator, the
+    ``--sequences`` for a transferable one (which has no molecule of its own)."""
+    transferable = hasattr(model, "bind")
+    if sequences is None:
+        if transferable:
+            raise SystemExit(f"{type(model).__name__} is transferable: name the peptides to read with --sequences")
+        return [None]
+    if not transferable:
+        raise SystemExit(f"{type(model).__name__} models one molecule: --sequences is for transferable generators")
+    return [s.strip() for s in sequences.split(",") if s.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True, help="label=path (repeatable)")
     ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--sequences", default=None,
+                    help="comma-separated peptides to bind a transferable checkpoint to (e.g. G,L,N,V,Y)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     head = [f"# Where the variance of the log importance weights comes from", "",
@@ -139,7 +158,12 @@ def main() -> None:
     parts = []
     for spec in args.checkpoint:
         label, path = spec.split("=", 1)
-        parts.append(markdown(label, analyse(bg.load_generator(path), args.samples, args.seed, args.top)))
+        model = bg.load_generator(path)
+        for sequence in peptides(model, args.sequences):
+            if sequence is not None:
+                model.bind(sequence)
+            name = label if sequence is None else f"{label}: {model.system.name}"
+            parts.append(markdown(name, analyse(model, args.samples, args.seed, args.top)))
     text = "\n".join(head + parts)
     print(text)
     if args.out:
