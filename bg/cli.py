@@ -42,7 +42,7 @@ def _data(args: argparse.Namespace) -> int:
     dm = MDDataModule(system=args.system, topology=args.topology, trajectories=args.trajectories,
                       stride=args.stride, cache_dir=args.cache_dir, md=settings, generator=args.generator,
                       replica_exchange=ReplicaExchangeSettings(**re_overrides), forcefield=args.forcefield,
-                      temperature=args.temperature)
+                      temperature=args.temperature, constraints=args.constraints)
     start = time.time()
     if args.system is not None and args.system.lower().endswith((".pdb", ".cif", ".pdbx")):
         print(f"preparing {args.system}: hydrogens, force field, energy minimisation…", flush=True)
@@ -136,6 +136,7 @@ MD_HELP = {
     "chunk_frames": "frames per DCD chunk (resume granularity)", "seed": "random seed",
     "platform": "OpenMM platform: auto (Reference below 200 atoms, else CPU), Reference, CPU, CUDA, OpenCL",
     "threads": "CPU platform threads (default: all cores)",
+    "hydrogen_mass": "amu: hydrogen mass repartitioning (4 with --constraints hbonds allows --timestep-fs 4)",
 }
 RE_HELP = {
     "n_iterations": "exchange iterations per walker (= target-temperature frames per walker)",
@@ -190,12 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"force field: a preset ({', '.join(sorted(FORCEFIELDS))}) or OpenMM XML files joined by "
                            "'+'; default: the system's own (aldp: amber99sbildn-obc)")
     data.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
+    data.add_argument("--constraints", choices=["none", "hbonds"], default="none",
+                      help="hbonds: bonds to hydrogen held fixed (with --hydrogen-mass 4 and --timestep-fs 4 the "
+                           "fast protein MD); the training config needs data.constraints: hbonds too (default none)")
     data.add_argument("--skip-energy-check", action="store_true",
                       help="do not compare the training frames' energies with equipartition (a minimisation: "
                            "seconds for a protein)")
     md = data.add_argument_group("MD settings for generated data (defaults: 10 ns of alanine dipeptide)")
     for f in fields(MDSettings):
-        kind = int if f.type in ("int", "int | None") else (float if f.type == "float" else str)
+        kind = int if f.type in ("int", "int | None") else (float if f.type in ("float", "float | None") else str)
         md.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
                         help=f"{MD_HELP.get(f.name, '')} (default {f.default})".strip())
     rex = data.add_argument_group("replica-exchange settings (--generator replica_exchange)")

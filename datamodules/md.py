@@ -36,6 +36,7 @@ from bg.systems.system import resolve_forcefield
 from bg.systems.replica_exchange import ReplicaExchangeSettings, replica_exchange, split_gap, state_frame_files
 
 Generator = Literal["md", "replica_exchange"]
+Constraints = Literal["none", "hbonds"]
 
 #: MD used when a built-in system is named without trajectories (alanine dipeptide: 10 ns,
 #: a frame every 0.5 ps after 100 ps of equilibration; about 6 minutes on 2 CPU cores).
@@ -66,6 +67,10 @@ class MDDataModule(ResumableDataModule):
         replica_exchange: replica-exchange settings for generated data.
         forcefield: force field preset/XML for ``system``/``topology`` (default per system).
         temperature: K.
+        constraints: ``hbonds``: bonds to hydrogen are held fixed (their terms leave the energy; the MD runs
+            with them constrained, e.g. at 4 fs with ``md.hydrogen_mass: 4``; a flow over internal
+            coordinates freezes them). ``none`` (default): every bond is flexible. Generated data go to
+            ``<cache_dir>/<system>_hbonds/``; for your own trajectories say what they ran with.
         max_frames: use at most this many frames (after stride), for quick experiments.
         training_states: replica-exchange data only: the thermodynamic states (ladder indices, 0 = the
             target temperature) whose frames make the training set, each state's frames of the same
@@ -90,6 +95,7 @@ class MDDataModule(ResumableDataModule):
         replica_exchange: ReplicaExchangeSettings = ReplicaExchangeSettings(),
         forcefield: str | None = None,
         temperature: float = 300.0,
+        constraints: Constraints = "none",
         max_frames: int | None = None,
         training_states: tuple[int, ...] = (0,),
     ):
@@ -104,7 +110,7 @@ class MDDataModule(ResumableDataModule):
             raise ValueError(f"data: batch_size must be ≥ 1, got {batch_size}")
         if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6 or split[0] <= 0:
             raise ValueError(f"data: split must be three non-negative fractions (train, val, test) summing to 1, got {split}")
-        check_choices(MDDataModule.__init__, {"generator": generator}, "data.")
+        check_choices(MDDataModule.__init__, {"generator": generator, "constraints": constraints}, "data.")
         training_states = [int(k) for k in training_states]
         if not training_states or len(set(training_states)) != len(training_states) or min(training_states) < 0:
             raise ValueError(f"data: training_states must be distinct ladder indices ≥ 0, got {training_states}")
@@ -125,6 +131,7 @@ class MDDataModule(ResumableDataModule):
         self.re_settings = replica_exchange
         self.forcefield = forcefield
         self.temperature = temperature
+        self.constraints = constraints
         self.max_frames = max_frames
         self.training_states = training_states
         self.representation: nn.Module | None = None
@@ -141,9 +148,11 @@ class MDDataModule(ResumableDataModule):
             if self.topology_path is not None:
                 path = self._topology_file()
                 self._system = load_pdb(path, forcefield=self._trajectory_forcefield(),
-                                        temperature=self.temperature, minimize=False)
+                                        temperature=self.temperature, minimize=False,
+                                        constraints=None if self.constraints == "none" else self.constraints)
             else:
-                self._system = get_system(self.system_spec, temperature=self.temperature, forcefield=self.forcefield)
+                self._system = get_system(self.system_spec, temperature=self.temperature, forcefield=self.forcefield,
+                                          constraints=self.constraints)
         return self._system
 
     def _topology_file(self) -> Path:
@@ -198,6 +207,8 @@ class MDDataModule(ResumableDataModule):
     @property
     def md_dir(self) -> Path:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.system.name)
+        if self.system.constraints:
+            name += f"_{self.system.constraints}"
         return self.cache_dir / name / self.generator
 
     # ------------------------------------------------------------------ Lightning hooks

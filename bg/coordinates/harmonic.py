@@ -127,8 +127,8 @@ def harmonic_geometry(representation: InternalCoordinates, energy: Callable[[Ten
         scan_points: grid points of each rotatable torsion's :func:`torsion_scan`; 0: no scans
             (``torsion_energy`` is then ``(R, 0)``).
     """
-    if representation.reduced:
-        raise ValueError("harmonic_geometry needs the full internal coordinates (reduced=False)")
+    if representation.has_frozen:
+        raise ValueError("harmonic_geometry needs the full internal coordinates (reduced=False, no frozen bonds)")
     x0 = torch.as_tensor(np.asarray(positions), dtype=torch.float64)[None]
     centre = representation(x0)[0][0].detach()
     rotatable = rotatable_torsions(representation)

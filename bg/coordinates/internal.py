@@ -26,6 +26,12 @@ from the means, and both log-dets are those of the full transform evaluated *wit
 entries at their means*: the density of x on the manifold of rigid side-chain geometry, w.r.t.
 the volume element of the free internal coordinates. ``forward`` of a frame whose side chains are
 not at the means projects it onto that manifold (``inverse(forward(x))`` ≠ x there).
+
+Frozen bonds (``frozen_bonds``): bond lengths held fixed by the MD, e.g. every bond to hydrogen under
+``constraints: hbonds`` (``MolecularSystem.constrained_bonds``). Their data have no spread, so a flow must not
+model them: they are frozen at their means like the reduced side chains (with or without ``reduced``), and
+q is a density on the constraint manifold, the one the constrained MD samples (up to the small
+configuration dependence of its mass-metric factor).
 """
 
 from __future__ import annotations
@@ -53,9 +59,13 @@ class InternalCoordinates(nn.Module):
         reduced: freeze side-chain bonds and angles at their data means; requires ``fit``
             (or ``reference``) before use.
         reference: frames ``(F, N, 3)`` nm to compute the frozen means from (same as ``fit``).
+        frozen_bonds: atom index pairs whose bond length is held fixed (constraints); the Z-matrix bond
+            between them, where it is one, is frozen at its data mean (``fit``). A pair that is no bond of the
+            Z-matrix (e.g. a constraint closing a ring) is an error.
     """
 
-    def __init__(self, topology: md.Topology, reduced: bool = False, reference: Tensor | np.ndarray | None = None):
+    def __init__(self, topology: md.Topology, reduced: bool = False, reference: Tensor | np.ndarray | None = None,
+                 frozen_bonds: "list[tuple[int, int]] | tuple" = ()):
         super().__init__()
         self.topology = topology
         self.reduced = reduced
@@ -81,6 +91,15 @@ class InternalCoordinates(nn.Module):
         free = torch.ones(len(kind), dtype=torch.bool)
         if reduced:
             free = backbone | (kind == TORSION)
+        if len(frozen_bonds):
+            bond_of = {frozenset(p): k for k, p in enumerate(self.bond_idx.tolist())}
+            missing = [tuple(p) for p in frozen_bonds if frozenset(map(int, p)) not in bond_of]
+            if missing:
+                raise ValueError(f"frozen_bonds {missing[:5]} are not bonds of the Z-matrix (a constraint that closes "
+                                 "a ring cannot be frozen in internal coordinates)")
+            free[[bond_of[frozenset(map(int, p))] for p in frozen_bonds]] = False
+        #: whether any coordinate is frozen (reduced side chains or frozen bonds): then ``fit`` is needed
+        self.has_frozen = bool((~free).any())
         self.register_buffer("_kind_all", kind, persistent=False)
         self.register_buffer("_free", free, persistent=False)
         self.register_buffer("is_bond", kind[free] == BOND, persistent=False)
@@ -107,7 +126,7 @@ class InternalCoordinates(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        return not self.reduced or bool(torch.isfinite(self.frozen_values).all())
+        return not self.has_frozen or bool(torch.isfinite(self.frozen_values).all())
 
     def coordinate_table(self) -> list[dict]:
         """One dict per free coordinate: index, kind, atoms (names), residue, backbone flag."""
@@ -146,8 +165,9 @@ class InternalCoordinates(nn.Module):
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
     def fit(self, x: Tensor | np.ndarray) -> "InternalCoordinates":
-        """Set the frozen side-chain bonds/angles to their means over frames ``x`` (``(F, N, 3)`` nm)."""
-        if not self.reduced:
+        """Set the frozen side-chain bonds/angles and frozen bonds to their means over frames ``x``
+        (``(F, N, 3)`` nm)."""
+        if not self.has_frozen:
             return self
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float64)
         self._check_shape(x)
@@ -171,10 +191,11 @@ class InternalCoordinates(nn.Module):
         return torch.cat([b, a, t], dim=-1)
 
     def _expand(self, z: Tensor) -> Tensor:
-        if not self.reduced:
+        if not self.has_frozen:
             return z
         if not self.is_fitted:
-            raise RuntimeError("reduced internal coordinates need fit(frames) before use (frozen side-chain means)")
+            raise RuntimeError("reduced internal coordinates (or frozen bonds) need fit(frames) before use (frozen "
+                               "means)")
         full = z.new_empty(z.shape[0], len(self._free))
         full[:, self._free] = z
         full[:, ~self._free] = self.frozen_values.to(z.dtype)
@@ -190,8 +211,8 @@ class InternalCoordinates(nn.Module):
         """Cartesian ``(B, N, 3)`` nm → (``z`` ``(B, D)``, log|det ∂z/∂x| ``(B,)``)."""
         self._check_shape(x)
         full = self._all_coordinates(x)
-        z = full[:, self._free] if self.reduced else full
-        if self.reduced:
+        z = full[:, self._free] if self.has_frozen else full
+        if self.has_frozen:
             full = self._expand(z)
         return z, -self._log_volume(full)
 
@@ -206,8 +227,8 @@ class InternalCoordinates(nn.Module):
 
     def forward_full(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Square variant: ``(B, N, 3)`` → ``(B, 3N)`` = [t (3), α, β, γ, z], exact log|det|."""
-        if self.reduced:
-            raise RuntimeError("forward_full is defined for the full (non-reduced) representation")
+        if self.has_frozen:
+            raise RuntimeError("forward_full is defined for the full representation (not reduced, no frozen bonds)")
         z, log_det = self.forward(x)
         r0, r1, r2 = (x[:, i] for i in self.roots)
         e = (r1 - r0) / torch.linalg.vector_norm(r1 - r0, dim=-1, keepdim=True)

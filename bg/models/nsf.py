@@ -75,7 +75,8 @@ class SplitChannelNSF(BoltzmannGenerator):
         super().__init__(**kwargs)
 
     def build_density(self, system: MolecularSystem) -> CartesianDensity:
-        rep = InternalCoordinates(system.topology, reduced=self.hparams.reduced)
+        rep = InternalCoordinates(system.topology, reduced=self.hparams.reduced,
+                                  frozen_bonds=system.constrained_bonds())
         kinds = rep.is_angle.long() + 2 * rep.is_torsion.long()
         # the flow's options are this module's own (declared once, in the signature above)
         options = {k: self.hparams[k] for k in list(inspect.signature(neural_spline_flow).parameters)[3:]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from bg.systems.peptide import build_capped_peptide
@@ -21,13 +22,22 @@ def aldp(temperature: float = 300.0) -> MolecularSystem:
     return build_capped_peptide("A", forcefield="amber99sbildn-obc", temperature=temperature, name="aldp")
 
 
-def get_system(spec: str, temperature: float = 300.0, forcefield: str | None = None) -> MolecularSystem:
+def get_system(spec: str, temperature: float = 300.0, forcefield: str | None = None,
+               constraints: str | None = None) -> MolecularSystem:
     """Resolve a system from a name or path.
 
     ``"aldp"``; ``"peptide:<SEQ>"`` for a capped peptide (amber14-obc2 unless ``forcefield``);
     a path to a ``.pdb``/``.cif`` file (amber14-obc2 unless ``forcefield``); a directory written
-    by ``MolecularSystem.save``.
+    by ``MolecularSystem.save``. ``constraints`` (``"hbonds"``, …; ``None``/``"none"``: none) sets the system's
+    constraints: those bonds' terms leave its energy and its MD holds them fixed.
     """
+    system = _get_system(spec, temperature, forcefield)
+    if constraints is not None and str(constraints).lower() != str(system.constraints).lower():
+        system = dataclasses.replace(system, constraints=None if str(constraints).lower() == "none" else constraints)
+    return system
+
+
+def _get_system(spec: str, temperature: float, forcefield: str | None) -> MolecularSystem:
     if spec == "aldp":
         if forcefield not in (None, "amber99sbildn-obc"):
             raise ValueError("the built-in 'aldp' uses amber99sbildn-obc; use 'peptide:A' for another force field")

@@ -117,6 +117,14 @@ class MolecularSystem:
         except ValueError as exc:
             raise ValueError(f"{self.name}: force field {self.forcefield} cannot parametrise the molecule: {exc}") from exc
 
+    def constrained_bonds(self) -> list[tuple[int, int]]:
+        """The atom index pairs whose distance the OpenMM system constrains (``constraints``; empty without):
+        the bonds a flow over internal coordinates freezes (``InternalCoordinates(frozen_bonds=...)``)."""
+        if not self.constraints or str(self.constraints).lower() == "none":
+            return []
+        omm = self.create_openmm_system()
+        return [tuple(omm.getConstraintParameters(i)[:2]) for i in range(omm.getNumConstraints())]
+
     def trajectory(self, xyz: np.ndarray | None = None) -> md.Trajectory:
         """An mdtraj trajectory of ``xyz`` ``(F, N, 3)`` nm (default: the reference positions)."""
         xyz = self.positions[None] if xyz is None else np.asarray(xyz).reshape(-1, self.n_atoms, 3)
