@@ -193,6 +193,11 @@ class MDDataModule(ResumableDataModule):
                 raise ValueError(
                     f"data.temperature {self.temperature} K is not the temperature of the MD ({record['temperature']} K, "
                     f"recorded in {path}); set data.temperature to {record['temperature']}")
+            held = str(record.get("constraints") or "none").lower()
+            if held != self.constraints:
+                raise ValueError(
+                    f"data.constraints {self.constraints} is not what the MD ran with ({held}, recorded in {path}); "
+                    f"set data.constraints: {held} (the energy and the flow's frozen bonds must match the data's)")
             return recorded
         if self.forcefield is None:
             raise ValueError(

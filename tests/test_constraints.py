@@ -126,3 +126,14 @@ def test_the_datamodule_keeps_constrained_data_apart(tmp_path, constrained_frame
     assert held.md_dir.parent.name == plain.md_dir.parent.name + "_hbonds"
     with pytest.raises(ValueError, match="constraints"):
         MDDataModule(system="aldp", constraints="allbonds")
+
+
+def test_own_trajectories_must_say_the_constraints_they_ran_with(tmp_path, constrained):
+    out = tmp_path / "md"
+    simulate(constrained, out, MDSettings(n_frames=4, steps_per_frame=10, timestep_fs=2.0, equilibration_steps=10,
+                                          chunk_frames=4), progress=False)
+    files = dict(topology=str(out / "topology.pdb"), trajectories=[str(out / "chunks" / "*.dcd")])
+    with pytest.raises(ValueError, match="data.constraints: hbonds"):
+        MDDataModule(**files).system
+    pairs = lambda s: {frozenset(p) for p in s.constrained_bonds()}  # noqa: E731
+    assert pairs(MDDataModule(**files, constraints="hbonds").system) == pairs(constrained)
