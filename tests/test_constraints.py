@@ -97,6 +97,13 @@ def test_internal_coordinates_freeze_the_constrained_bonds(constrained, constrai
     torch.testing.assert_close(log_det_inv, -log_det)
     # and the log-det is the full transform's there (the volume of the manifold in the free coordinates)
     torch.testing.assert_close(log_det, full(x)[1], rtol=0, atol=1e-3)
+    # with the reduced representation (side-chain bonds already frozen) the constrained backbone bonds go too
+    reduced = InternalCoordinates(constrained.topology, reduced=True, reference=x)
+    both = InternalCoordinates(constrained.topology, reduced=True, frozen_bonds=pairs, reference=x)
+    free_constrained = [e for e in reduced.coordinate_table()
+                        if e["kind"] == "bond" and frozenset(e["atom_indices"]) in {frozenset(p) for p in pairs}]
+    assert free_constrained and both.dim == reduced.dim - len(free_constrained)
+    torch.testing.assert_close(d(both.inverse(both(x)[0])[0]), d(reduced.inverse(reduced(x)[0])[0]), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="not bonds of the Z-matrix"):
         InternalCoordinates(constrained.topology, frozen_bonds=[(0, 21)])
     with pytest.raises(RuntimeError, match="fit"):
