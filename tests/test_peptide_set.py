@@ -122,6 +122,23 @@ def test_other_md_settings_in_the_same_set_are_refused(tiny_set):
         make_peptide_set(TINY, cache, replace(TINY_MD, n_frames=24), workers=1, progress=False)
 
 
+def test_a_set_made_before_a_new_md_setting_existed_is_still_read(tiny_set, tmp_path):
+    """A manifest without a setting that MDSettings gained later (hydrogen_mass) ran with its default: accepted."""
+    import shutil
+
+    cache, manifest = tiny_set
+    old = tmp_path / "cache"
+    shutil.copytree(cache, old)
+    path = manifest_path(old, "tiny")
+    written = json.loads(path.read_text())
+    del written["md"]["hydrogen_mass"]
+    path.write_text(json.dumps(written))
+    again = make_peptide_set(TINY, old, TINY_MD, workers=1, progress=False)
+    assert again["peptides"].keys() == manifest["peptides"].keys()
+    with pytest.raises(ValueError, match="other MD settings"):  # a setting that differs still does not pass
+        make_peptide_set(TINY, old, replace(TINY_MD, hydrogen_mass=4.0), workers=1, progress=False)
+
+
 def test_the_cli_names_a_bad_spec(tmp_path, capsys):
     from bg.cli import main
 

@@ -213,7 +213,9 @@ def make_peptide_set(spec: PeptideSet, cache_dir: str | Path = "data", md: MDSet
     manifest: dict = {"spec": asdict(spec), "md": asdict(md), "splits": splits, "peptides": {}}
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("md") != manifest["md"] or old.get("spec", {}).get("forcefield") != spec.forcefield:
+        # settings added to MDSettings after a set was made are read as their defaults (what that MD ran with)
+        recorded = {**asdict(MDSettings()), "threads": 1, **(old.get("md") or {})}
+        if recorded != manifest["md"] or old.get("spec", {}).get("forcefield") != spec.forcefield:
             raise ValueError(f"{path} was made with other MD settings or force field; use another set name or "
                              "cache_dir, or remove the folder to start again")
         manifest["peptides"] = {s: e for s, e in old.get("peptides", {}).items() if s in split_of}
