@@ -149,7 +149,7 @@ class MDDataModule(ResumableDataModule):
                 path = self._topology_file()
                 self._system = load_pdb(path, forcefield=self._trajectory_forcefield(),
                                         temperature=self.temperature, minimize=False,
-                                        constraints=None if self.constraints == "none" else self.constraints)
+                                        constraints=self.constraints)
             else:
                 self._system = get_system(self.system_spec, temperature=self.temperature, forcefield=self.forcefield,
                                           constraints=self.constraints)

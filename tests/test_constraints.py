@@ -14,7 +14,6 @@ from bg.coordinates import InternalCoordinates
 from bg.energy import OpenMMEnergy, target_energy
 from bg.models import SplitChannelNSF
 from bg.systems import MDSettings, get_system, load_md, simulate
-from bg.systems.simulate import repartition_hydrogen_mass
 from datamodules import MDDataModule
 
 
@@ -33,8 +32,7 @@ def constrained_frames(tmp_path_factory, constrained):
 
 
 def test_hydrogen_masses_are_repartitioned_as_openmm_does(aldp_system):
-    ours = aldp_system.create_openmm_system()
-    repartition_hydrogen_mass(ours, aldp_system.omm_topology, 4.0)
+    ours = aldp_system.create_openmm_system(hydrogen_mass=4.0)
     ff = app.ForceField(*aldp_system.forcefield)
     theirs = ff.createSystem(aldp_system.omm_topology, nonbondedMethod=app.NoCutoff, hydrogenMass=4.0 * unit.amu)
     mass = lambda s: np.array([s.getParticleMass(i).value_in_unit(unit.dalton)  # noqa: E731

@@ -32,8 +32,8 @@ def get_system(spec: str, temperature: float = 300.0, forcefield: str | None = N
     constraints: those bonds' terms leave its energy and its MD holds them fixed.
     """
     system = _get_system(spec, temperature, forcefield)
-    if constraints is not None and str(constraints).lower() != str(system.constraints).lower():
-        system = dataclasses.replace(system, constraints=None if str(constraints).lower() == "none" else constraints)
+    if constraints is not None:
+        system = dataclasses.replace(system, constraints=constraints)  # "none" reads as None there
     return system
 
 

@@ -86,25 +86,6 @@ def choose_platform(n_atoms: int, name: str = "auto", threads: int | None = None
     return platform, props
 
 
-def repartition_hydrogen_mass(omm_system: openmm.System, topology, hydrogen_mass: float) -> None:
-    """Make every hydrogen of ``omm_system`` ``hydrogen_mass`` amu, taking the difference from its bonded heavy
-    atom (as OpenMM's ``createSystem(hydrogenMass=...)``); ``topology``: the OpenMM topology of the same atoms."""
-    for a, b in topology.bonds():
-        if a.element is not None and a.element.symbol == "H":
-            a, b = b, a
-        if b.element is None or b.element.symbol != "H" or (a.element is not None and a.element.symbol == "H"):
-            continue
-        heavy, h = a.index, b.index
-        moved = hydrogen_mass - omm_system.getParticleMass(h).value_in_unit(unit.dalton)
-        if moved <= 0:
-            continue
-        left = omm_system.getParticleMass(heavy).value_in_unit(unit.dalton) - moved
-        if left <= 1.0:
-            raise ValueError(f"hydrogen_mass {hydrogen_mass} amu leaves atom {heavy} with {left:.2f} amu")
-        omm_system.setParticleMass(h, hydrogen_mass * unit.dalton)
-        omm_system.setParticleMass(heavy, left * unit.dalton)
-
-
 def _equilibrate(context: openmm.Context, steps: int, desc: str, progress: bool, blocks: int = 100) -> None:
     """``steps`` MD steps in ``blocks`` pieces under a progress bar (a protein's equilibration takes minutes)."""
     if steps <= 0:
@@ -210,9 +191,7 @@ def simulate(
     if len(done) >= n_chunks:
         return trajectory_files(out_dir)
 
-    omm_system = system.create_openmm_system()
-    if settings.hydrogen_mass is not None:
-        repartition_hydrogen_mass(omm_system, system.omm_topology, settings.hydrogen_mass)
+    omm_system = system.create_openmm_system(hydrogen_mass=settings.hydrogen_mass)
     platform, props = choose_platform(system.n_atoms, settings.platform, settings.threads, omm_system)
 
     def new_context(chunk: int) -> openmm.Context:

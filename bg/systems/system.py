@@ -85,8 +85,12 @@ class MolecularSystem:
                 f"{self.name}: {self.positions.shape[0]} positions for {self.omm_topology.getNumAtoms()} atoms"
             )
         self.forcefield = resolve_forcefield(self.forcefield)
-        if (self.constraints.lower() if isinstance(self.constraints, str) else self.constraints) not in _CONSTRAINTS:
+        if isinstance(self.constraints, str):
+            self.constraints = self.constraints.lower()
+        if self.constraints not in _CONSTRAINTS:
             raise ValueError(f"constraints must be one of {[k for k in _CONSTRAINTS if k]} or None")
+        if self.constraints == "none":
+            self.constraints = None
 
     @property
     def n_atoms(self) -> int:
@@ -102,11 +106,14 @@ class MolecularSystem:
         """The mdtraj topology (same atom order)."""
         return md.Topology.from_openmm(self.omm_topology)
 
-    def create_openmm_system(self) -> openmm.System:
-        """A fresh OpenMM ``System`` (no barostat; a CMMotionRemover is not added)."""
+    def create_openmm_system(self, hydrogen_mass: float | None = None) -> openmm.System:
+        """A fresh OpenMM ``System`` (no barostat; a CMMotionRemover is not added). ``hydrogen_mass`` (amu):
+        hydrogen mass repartitioning by OpenMM (each hydrogen this heavy, the difference taken from its bonded
+        atom), for dynamics only: masses do not enter the energy."""
         ff = app.ForceField(*self.forcefield)
-        cons = _CONSTRAINTS[self.constraints.lower() if isinstance(self.constraints, str) else None]
-        kwargs = dict(constraints=cons, removeCMMotion=False, rigidWater=False)
+        kwargs = dict(constraints=_CONSTRAINTS[self.constraints], removeCMMotion=False, rigidWater=False)
+        if hydrogen_mass is not None:
+            kwargs["hydrogenMass"] = hydrogen_mass * unit.amu
         if self.nonbonded_cutoff is None:
             kwargs["nonbondedMethod"] = app.NoCutoff
         else:
@@ -120,7 +127,7 @@ class MolecularSystem:
     def constrained_bonds(self) -> list[tuple[int, int]]:
         """The atom index pairs whose distance the OpenMM system constrains (``constraints``; empty without):
         the bonds a flow over internal coordinates freezes (``InternalCoordinates(frozen_bonds=...)``)."""
-        if not self.constraints or str(self.constraints).lower() == "none":
+        if not self.constraints:
             return []
         omm = self.create_openmm_system()
         return [tuple(omm.getConstraintParameters(i)[:2]) for i in range(omm.getNumConstraints())]
