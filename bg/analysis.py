@@ -1,4 +1,5 @@
-"""Structural observables of generated and MD frames: backbone distances, φ/ψ, Ramachandran basins.
+"""Structural observables of generated and MD frames: backbone distances, φ/ψ, Ramachandran basins,
+residue contact maps.
 
 All take frames ``(B, N, 3)`` in nm as torch tensors and an mdtraj topology; angles in radians
 [−π, π), mdtraj's sign convention.
@@ -86,3 +87,33 @@ def basin_populations(phi: Tensor, psi: Tensor, log_w: Tensor | None = None) -> 
         w = torch.softmax(lw, 0)
     w = w / w.sum()
     return {name: float(w[idx == k].sum()) for k, name in enumerate(BASINS)}
+
+
+#: Cα–Cα distance (nm) below which two residues count as in contact in :func:`contact_map`.
+CONTACT_CUTOFF = 0.8
+
+
+def alpha_carbons(topology: md.Topology) -> np.ndarray:
+    """Index of each residue's CA atom in topology order (residues without one, e.g. caps, are left out)."""
+    return np.asarray([a.index for a in topology.atoms if a.name == "CA"], dtype=int)
+
+
+def contact_map(x: Tensor, topology: md.Topology, log_w: Tensor | None = None,
+                cutoff: float = CONTACT_CUTOFF) -> Tensor:
+    """Residue contact probabilities ``(R, R)``: the (self-normalised, with ``log_w`` ``(B,)``) weighted
+    fraction of frames ``(B, N, 3)`` nm whose Cα–Cα distance is below ``cutoff`` nm, over the ``R``
+    residues with a CA atom. Frames with non-finite positions count as weight 0."""
+    ca = torch.as_tensor(alpha_carbons(topology), device=x.device)
+    pos = x[:, ca].double()
+    ok = torch.isfinite(pos).flatten(1).all(1)
+    lw = torch.zeros(len(x), dtype=torch.float64, device=x.device) if log_w is None else log_w.double().to(x.device)
+    lw = torch.where(ok & torch.isfinite(lw), lw, torch.full_like(lw, -math.inf))
+    out = torch.zeros(len(ca), len(ca), dtype=torch.float64, device=x.device)
+    if not torch.isfinite(lw).any():
+        return out.fill_(math.nan)
+    w = torch.softmax(lw, 0)
+    for chunk, wc in zip(pos.split(1024), w.split(1024)):
+        keep = wc > 0
+        d = torch.cdist(chunk[keep], chunk[keep])
+        out += torch.einsum("b,bij->ij", wc[keep], (d < cutoff).double())
+    return out

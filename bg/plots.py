@@ -1,4 +1,4 @@
-"""Figures of sample quality (matplotlib, headless): energy histograms and Ramachandran free energies.
+"""Figures of sample quality (matplotlib, headless): energy histograms, Ramachandran free energies, contact maps.
 
 Each function returns a ``matplotlib.figure.Figure``; callers save or log it and close it.
 """
@@ -154,8 +154,29 @@ def free_energy_surface(surface, max_free_energy: float = 8.0) -> plt.Figure:
     return fig
 
 
+def contact_maps(contacts: dict[str, np.ndarray], residues: list[str], cutoff: float) -> plt.Figure:
+    """Residue contact probabilities ``(R, R)`` per sample set (e.g. generator, reweighted, reference) and
+    each set − reference difference; residues labelled along the axes (every ⌈R/12⌉-th)."""
+    keys = [k for k in contacts if k != "reference"]
+    panels = [(k, contacts[k], "Greys", (0, 1)) for k in (*keys, "reference") if k in contacts]
+    if "reference" in contacts:
+        panels += [(f"{k} − reference", contacts[k] - contacts["reference"], "RdBu_r", (-1, 1)) for k in keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.3), squeeze=False)
+    step = max(1, math.ceil(len(residues) / 12))
+    ticks = np.arange(0, len(residues), step)
+    for ax, (title, m, cmap, (lo, hi)) in zip(axes[0], panels):
+        im = ax.imshow(m, origin="lower", cmap=cmap, vmin=lo, vmax=hi)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(ticks, [residues[i] for i in ticks], rotation=90, fontsize=5)
+        ax.set_yticks(ticks, [residues[i] for i in ticks], fontsize=5)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="p(contact)" if lo == 0 else "Δp")
+    fig.suptitle(f"Cα–Cα contacts (< {cutoff:g} nm)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: plt.Figure) -> None:
     plt.close(fig)
 
 
-__all__ = ["close", "energy_histogram", "free_energy_surface", "ramachandran"]
+__all__ = ["close", "contact_maps", "energy_histogram", "free_energy_surface", "ramachandran"]

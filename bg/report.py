@@ -19,7 +19,11 @@ What it reports (see :mod:`bg.estimators` for how the error bars are made):
 - surfaces: 1-D free-energy profiles of every observable and, for peptides, 2-D φ/ψ surfaces (one per
   residue, up to ``max_residues``), each bin with its error;
 - the same for the reference, with MD error bars (statistical inefficiency per trajectory), and per
-  quantity the difference and its z-score; a difference map for each surface.
+  quantity the difference and its z-score; a difference map for each surface;
+- structure (proteins and peptides, :class:`Structure`): sample energies beside the MD's (median and
+  5–95 % range, raw and reweighted; for a model that freezes coordinates, e.g. reduced internal
+  coordinates, also the MD frames projected onto the model's coordinates, the fair energy reference), the
+  distance distortion ΔD of heavy backbone atoms, and Cα contact maps with their difference.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bg.analysis import BASINS, basin_index, phi_psi_atoms, torsions
+from bg.analysis import (BASINS, CONTACT_CUTOFF, alpha_carbons, backbone_pairs, basin_index, contact_map,
+                         phi_psi_atoms, torsions)
 from bg.estimators import (KCAL_PER_MOL_PER_K, Estimate, SampleSet, compare, free_energy_differences,
                            free_energy_surface, populations)
+from bg.metrics import pairwise_distances
 from bg.quiet import quiet_c_output
 from bg.sampling.ess import kish_ess
 from bg.sampling.smc import COLLAPSE_FRACTION, collapsed
@@ -141,6 +147,93 @@ class Surface:
                 "errors": {k: clean(v) for k, v in self.errors.items()}}
 
 
+#: the reference MD frames after a round trip through the model's coordinates (frozen ones at their means)
+PROJECTED = "reference on the model's coordinates"
+
+
+def weighted_quantiles(values: np.ndarray, q: Sequence[float], log_w: np.ndarray | None = None) -> list[float]:
+    """Quantiles ``q`` of the finite ``values`` ``(n,)``, self-normalised weighted with ``log_w`` ``(n,)``
+    (non-finite weights count as 0): the smallest value whose cumulative weight reaches each q."""
+    v = np.asarray(values, dtype=float)
+    lw = np.zeros_like(v) if log_w is None else np.asarray(log_w, dtype=float)
+    ok = np.isfinite(v) & np.isfinite(lw)
+    if not ok.any():
+        return [math.nan] * len(q)
+    v, lw = v[ok], lw[ok]
+    order = np.argsort(v)
+    w = np.exp(lw[order] - lw.max())
+    cum = np.cumsum(w) / w.sum()
+    return [float(v[order][min(np.searchsorted(cum, x), len(v) - 1)]) for x in q]
+
+
+@dataclass
+class Structure:
+    """Energies (kT), backbone distance distortion ΔD (nm) and Cα contact maps of generated frames beside
+    the reference. ``energies``: per set (``generator``, ``generator (reweighted)``, ``reference``,
+    :data:`PROJECTED`) the median, 5 % and 95 % quantiles and the finite fraction; ``distance_distortion``:
+    ``raw`` and ``reweighted``; ``contacts``: per set an ``(R, R)`` matrix of contact probabilities (Cα–Cα
+    below ``contact_cutoff`` nm) over ``residues``."""
+
+    energies: dict[str, dict[str, float]]
+    distance_distortion: dict[str, float]
+    contacts: dict[str, np.ndarray]
+    contact_cutoff: float
+    residues: list[str]
+    energy_values: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    log_w: np.ndarray | None = field(default=None, repr=False)
+
+    def contact_difference(self, key: str = "generator") -> dict[str, float]:
+        """Mean and largest |p_key − p_reference| over residue pairs (i < j)."""
+        if key not in self.contacts or "reference" not in self.contacts:
+            return {}
+        i, j = np.triu_indices(len(self.residues), k=1)
+        d = np.abs(self.contacts[key] - self.contacts["reference"])[i, j]
+        return {"mean_abs": float(np.mean(d)), "max_abs": float(np.max(d))} if len(d) else {}
+
+    def as_dict(self) -> dict:
+        return {"energies_kT": self.energies, "distance_distortion_nm": self.distance_distortion,
+                "contact_cutoff_nm": self.contact_cutoff, "residues": self.residues,
+                "contacts": {k: v.tolist() for k, v in self.contacts.items()},
+                "contact_difference": {k: self.contact_difference(k) for k in self.contacts if k != "reference"}}
+
+    def markdown(self) -> list[str]:
+        lines = []
+        if self.energies:
+            lines += ["", "| energies (kT) | median | 5–95 % | finite |", "|---|---|---|---|"]
+            for name, e in self.energies.items():
+                lines.append(f"| {name} | {e['median']:.1f} | {e['q05']:.1f} – {e['q95']:.1f} | "
+                             f"{e['finite_fraction']:.3f} |")
+            if PROJECTED in self.energies:
+                lines.append(f"\nThe model holds some coordinates fixed (e.g. reduced internal coordinates); "
+                             f"its fair energy reference is the MD frames with those coordinates set the same way "
+                             f"({PROJECTED}).")
+        if self.distance_distortion:
+            dd = self.distance_distortion
+            lines.append(f"\nΔD (heavy backbone atom distances, nm): {dd['raw']:.4f} raw, "
+                         f"{dd['reweighted']:.4f} reweighted.")
+        for key in ("generator", "generator (reweighted)"):
+            diff = self.contact_difference(key)
+            if diff:
+                lines.append(f"\nContacts ({key}; Cα–Cα < {self.contact_cutoff:g} nm, {len(self.residues)} residues): "
+                             f"mean |Δp| {diff['mean_abs']:.4f}, largest {diff['max_abs']:.3f} against the reference.")
+        return lines
+
+    def figures(self) -> dict[str, Any]:
+        """``{file stem: matplotlib figure}``: the energy histogram and the contact maps."""
+        from bg import plots
+
+        out = {}
+        u = self.energy_values
+        if "generator" in u and "reference" in u:
+            others = {PROJECTED: u[PROJECTED]} if PROJECTED in u else None
+            out["energies"] = plots.energy_histogram(torch.as_tensor(u["reference"]), torch.as_tensor(u["generator"]),
+                                                     None if self.log_w is None else torch.as_tensor(self.log_w),
+                                                     others=others)
+        if "reference" in self.contacts and len(self.contacts) > 1:
+            out["contacts"] = plots.contact_maps(self.contacts, self.residues, self.contact_cutoff)
+        return out
+
+
 @dataclass
 class Report:
     """Numbers with error bars for a generator (``"generator"``) and, when given, the reference
@@ -158,6 +251,7 @@ class Report:
     surfaces: list[Surface]
     warnings: list[str]
     reference_frames: int = 0
+    structure: Structure | None = None
 
     def comparisons(self) -> dict[str, dict[str, float]]:
         """Generator − reference difference and z-score of every population, ΔF and observable mean."""
@@ -183,6 +277,7 @@ class Report:
             "observables": {n: {k: e.as_dict() for k, e in v.items()} for n, v in self.observables.items()},
             "comparisons": self.comparisons(), "surfaces": [s.as_dict() for s in self.surfaces],
             "warnings": self.warnings,
+            "structure": self.structure.as_dict() if self.structure is not None else None,
         }
 
     def markdown(self) -> str:
@@ -222,6 +317,8 @@ class Report:
             for name, pair in self.observables.items():
                 z = f" {comp[f'mean {name}']['z']:+.1f} |" if comp else ""
                 lines.append(f"| {name} | " + " | ".join(pair[k].format() for k in sets) + " |" + z)
+        if self.structure is not None:
+            lines += self.structure.markdown()
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str | Path, figures: bool = True) -> list[Path]:
@@ -241,6 +338,12 @@ class Report:
                 plots.close(fig)
                 paths.append(path)
                 md_text += f"\n![{surface.name}]({path.name})\n"
+            for stem, fig in (self.structure.figures() if self.structure is not None else {}).items():
+                path = out / f"{stem}.png"
+                fig.savefig(path, dpi=110)
+                plots.close(fig)
+                paths.append(path)
+                md_text += f"\n![{stem}]({path.name})\n"
         (out / "report.md").write_text(md_text)
         return paths
 
@@ -296,22 +399,97 @@ def _surfaces(sets: dict[str, tuple[md.Trajectory, SampleSet]], observables: dic
     return out
 
 
-def _draw(model, n: int, energy: EnergyChoice, seed: int, batch_size: int) -> tuple[dict[str, Tensor], str]:
-    """``n`` importance-weighted samples of a generator, judged by ``energy``."""
+def _judge(model, energy: EnergyChoice) -> tuple[Callable[[Tensor], Tensor], str]:
+    """The energy u(x) in kT that judges a generator's samples, and its name."""
+    if energy == "model":
+        target = getattr(model, "target", None)
+        module = type(target.module).__name__ if target is not None else "its energy"
+        return model.energy, f"the model's target ({module})"
+    from bg.energy import target_energy
+
+    return target_energy(model.system, backend=energy), {"torch": "the torch force field", "openmm": "OpenMM"}[energy]
+
+
+def _energies(judge: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([judge(c.double()).double() for c in x.split(batch_size)])
+
+
+def _draw(model, n: int, energy: EnergyChoice, seed: int, batch_size: int
+          ) -> tuple[dict[str, Tensor], str, Callable[[Tensor], Tensor]]:
+    """``n`` importance-weighted samples of a generator judged by ``energy``, the judge's name and the judge."""
     torch.manual_seed(seed)
     model.eval()
+    judge, name = _judge(model, energy)
     with torch.no_grad():
         out = model.proposal.weigh(n, model.energy)
-        if energy == "model":
-            target = getattr(model, "target", None)
-            module = type(target.module).__name__ if target is not None else "its energy"
-            return out, f"the model's target ({module})"
-        from bg.energy import target_energy
-
-        judge = target_energy(model.system, backend=energy)
-        u = torch.cat([judge(c.double()) for c in out["x"].split(batch_size)]).to(out["log_w"])
+    if energy != "model":
+        u = _energies(judge, out["x"], batch_size).to(out["log_w"])
         out = dict(out, energy_kT=u, log_w=torch.where(torch.isfinite(out["log_w"]), -u - out["log_q"], out["log_w"]))
-    return out, {"torch": "the torch force field", "openmm": "OpenMM"}[energy]
+    return out, name, judge
+
+
+def _projected(model, x: Tensor, batch_size: int) -> Tensor | None:
+    """Frames ``x`` on the model's coordinates (:meth:`BoltzmannGenerator.on_model_coordinates`) when it
+    holds some fixed; None otherwise."""
+    rep = getattr(getattr(model, "density", None), "representation", None)
+    if rep is None or not getattr(rep, "has_frozen", False):
+        return None
+    return torch.cat([model.on_model_coordinates(c.double()) for c in x.split(batch_size)])
+
+
+def _mean_distances(x: Tensor, pairs: Tensor, log_w: Tensor | None = None, chunk: int = 512) -> Tensor:
+    """Mean distances ``(P,)`` of atom pairs over frames ``(F, N, 3)``, self-normalised weighted with
+    ``log_w``; frames with a non-finite distance or weight count as weight 0."""
+    lw = torch.zeros(len(x), dtype=torch.float64) if log_w is None else log_w.double()
+    ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(lw)
+    if not ok.any():
+        return torch.full((len(pairs),), math.nan, dtype=torch.float64)
+    w = torch.softmax(torch.where(ok, lw, torch.full_like(lw, -math.inf)), 0)
+    total = torch.zeros(len(pairs), dtype=torch.float64)
+    for xc, wc, okc in zip(x.split(chunk), w.split(chunk), ok.split(chunk)):
+        total += (wc[okc, None] * pairwise_distances(xc[okc].double(), pairs)).sum(0)
+    return total
+
+
+def _structure(traj: md.Trajectory, log_w: Tensor, reference: md.Trajectory | None,
+               energies: dict[str, np.ndarray], cutoff: float) -> Structure | None:
+    """The :class:`Structure` section: energies as given (``generator``, ``reference``, :data:`PROJECTED`),
+    ΔD and contact maps against ``reference``. None for a molecule without two residues with CA atoms."""
+    top = traj.topology
+    ca = alpha_carbons(top)
+    lw = log_w.double()
+    table = {}
+    for name, u in energies.items():
+        if u is None:
+            continue
+        rows = [(name, None)] + ([("generator (reweighted)", lw.numpy())] if name == "generator" else [])
+        for label, w in rows:
+            med, lo, hi = weighted_quantiles(u, (0.5, 0.05, 0.95), w)
+            table[label] = {"median": med, "q05": lo, "q95": hi, "finite_fraction": float(np.isfinite(u).mean())}
+    x = torch.as_tensor(traj.xyz, dtype=torch.float64)
+    residues = [str(top.atom(int(i)).residue) for i in ca]
+    contacts, dd = {}, {}
+    if len(ca) >= 2:
+        contacts["generator"] = contact_map(x, top, cutoff=cutoff).numpy()
+        contacts["generator (reweighted)"] = contact_map(x, top, lw, cutoff=cutoff).numpy()
+    if reference is not None:
+        xr = torch.as_tensor(reference.xyz, dtype=torch.float64)
+        if len(ca) >= 2:
+            contacts["reference"] = contact_map(xr, reference.topology, cutoff=cutoff).numpy()
+        try:
+            pairs = backbone_pairs(top)
+        except ValueError:  # no protein backbone
+            pairs = None
+        if pairs is not None:
+            ref_mean = _mean_distances(xr, pairs)
+            dd = {"raw": float((_mean_distances(x, pairs) - ref_mean).abs().mean()),
+                  "reweighted": float((_mean_distances(x, pairs, lw) - ref_mean).abs().mean())}
+    if not table and not contacts and not dd:
+        return None
+    return Structure(energies=table, distance_distortion=dd, contacts=contacts, contact_cutoff=cutoff,
+                     residues=residues, energy_values={k: v for k, v in energies.items() if v is not None},
+                     log_w=lw.numpy())
 
 
 def load_samples(folder: str | Path) -> tuple[md.Trajectory, dict[str, np.ndarray], dict[str, Any]]:
@@ -346,6 +524,8 @@ def evaluate(
     batch_size: int = 2000,
     label: str | None = None,
     weights: Literal["averaged", "training"] = "averaged",
+    contact_cutoff: float = CONTACT_CUTOFF,
+    reference_energies: bool = True,
 ) -> Report:
     """Evaluate a generator (a checkpoint path or a loaded module: ``n`` samples drawn and weighed) or a
     ``predict`` samples folder, optionally against ``reference`` MD (trajectory files — each one
@@ -353,7 +533,9 @@ def evaluate(
     defaults to the φ/ψ basins of a single-residue peptide, ``observables`` to RMSD/Q/Rg when ``native``
     is given. ``energy`` judges generator samples: the model's own target, or ``torch``/``openmm`` anew.
     ``weights``: of a checkpoint trained with weight averaging (EMA), the averaged weights or the optimizer's own
-    (:func:`bg.load_generator`). No Trainer is involved. Returns a :class:`Report`."""
+    (:func:`bg.load_generator`). ``contact_cutoff``: Cα–Cα distance (nm) of a contact in the contact maps;
+    ``reference_energies``: judge the reference frames too (a checkpoint's system is needed; seconds per
+    thousand frames of a small protein). No Trainer is involved. Returns a :class:`Report`."""
     warnings: list[str] = []
     if weights != "averaged" and not (isinstance(source, (str, Path)) and Path(source).is_file()):
         raise ValueError(f"weights={weights!r} selects weights of a checkpoint file; {source!r} is not one")
@@ -362,11 +544,13 @@ def evaluate(
         log_w = torch.as_tensor(arrays["log_w"], dtype=torch.float64)
         energy_name, temperature = "the writer's target energy", None
         label = label or str(source)
+        model, judge, u_gen = None, None, arrays.get("energy_kT")
     else:
         from bg import load_generator
 
         model = load_generator(source, weights=weights) if isinstance(source, (str, Path)) else source
-        out, energy_name = _draw(model, n, energy, seed, batch_size)
+        out, energy_name, judge = _draw(model, n, energy, seed, batch_size)
+        u_gen = out["energy_kT"].detach().cpu().double().numpy()
         traj = md.Trajectory(out["x"].detach().cpu().numpy().astype(np.float32), model.system.topology)
         log_w, stats = out["log_w"].detach().cpu().double(), {}
         temperature = model.system.temperature
@@ -387,9 +571,16 @@ def evaluate(
             warnings.append(f"ESS {gen_set.ess():.0f} < {min_ess:g} samples: error bars of weighted estimates "
                             "are not trustworthy")
     sets = {"generator": (traj, gen_set)}
+    energies = {"generator": u_gen}
     if reference is not None:
         ref_traj, lengths = _load_reference(reference, topology or top)
         sets["reference"] = (ref_traj, SampleSet(None, n=ref_traj.n_frames, lengths=lengths))
+        if judge is not None and reference_energies:
+            xr = torch.as_tensor(ref_traj.xyz, dtype=torch.float64)
+            energies["reference"] = _energies(judge, xr, batch_size).numpy()
+            projected = _projected(model, xr, batch_size)
+            if projected is not None:
+                energies[PROJECTED] = _energies(judge, projected, batch_size).numpy()
     states = states if states is not None else basin_states(top)
     observables = dict(observables or {})
     if native is not None:
@@ -410,7 +601,9 @@ def evaluate(
     return Report(label=label, n_samples=traj.n_frames, energy=energy_name,
                   temperature=temperature or 300.0, sampling=sampling, states=names, populations=pops,
                   free_energies=dfs, observables=obs, surfaces=surfaces, warnings=warnings,
-                  reference_frames=sets["reference"][0].n_frames if "reference" in sets else 0)
+                  reference_frames=sets["reference"][0].n_frames if "reference" in sets else 0,
+                  structure=_structure(traj, log_w, sets["reference"][0] if "reference" in sets else None, energies,
+                                       contact_cutoff))
 
 
 def _ess_estimate(log_w: Tensor, n_boot: int, seed: int, min_ess: float) -> Estimate:
@@ -447,5 +640,5 @@ def _load_reference(reference, topology) -> tuple[md.Trajectory, list[int]]:
     return md.join(trajs, check_topology=False, discard_overlapping_frames=False), [t.n_frames for t in trajs]
 
 
-__all__ = ["Report", "Surface", "basin_states", "evaluate", "load_samples", "native_contacts", "radius_of_gyration",
+__all__ = ["PROJECTED", "Report", "Structure", "Surface", "basin_states", "evaluate", "load_samples", "native_contacts", "radius_of_gyration",
            "rmsd_to"]

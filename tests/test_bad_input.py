@@ -47,7 +47,7 @@ def user_files(tmp_path, aldp_md_dir):
 # -------------------------------------------------------------------- bg fit (LightningCLI)
 def test_config_without_its_data_names_the_topology_and_the_data_command(tmp_path):
     out = bg("fit", "--config", CONFIGS / "hp35_nsf.yaml", cwd=tmp_path)
-    assert_one_line_error(out, "bg fit", r"data/villin_1vii/md/topology.pdb: topology file not found.*`bg data`")
+    assert_one_line_error(out, "bg fit", r"data/villin_1vii_hbonds/md/topology.pdb: topology file not found.*`bg data`")
 
 
 def test_negative_batch_size(tmp_path):

@@ -222,3 +222,31 @@ def test_bench_speed_options_keep_a_checkpoint_loadable(tiny_nsf_kwargs):
     speed_options(nsf, "bfloat16", True)
     assert nsf.hparams.conditioner_precision == "bfloat16" and nsf.hparams.compile_splines
     SplitChannelNSF(**nsf.hparams)
+
+
+def test_data_log_weights_of_a_reduced_model_ignore_its_frozen_coordinates(aldp_system, aldp_frames, tiny_nsf_kwargs):
+    """With reduced internal coordinates, a data frame's log w (logvar, alpha2) is that of the frame on the model's
+    coordinates: stretching a frozen side-chain bond changes neither its u nor its log q, so the divergence does
+    not chase the frozen coordinates' MD energy; a free (backbone) change does move it."""
+    from bg.coordinates.internal import InternalCoordinates
+
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**{**tiny_nsf_kwargs, "reduced": True, "kl_batch_size": 8})
+    model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
+    rep = model.density.representation
+    x = torch.as_tensor(aldp_frames[100:104], dtype=torch.float64)
+    full = InternalCoordinates(aldp_system.topology)
+    z, _ = full(x)
+    frozen_bond = int((~rep._free[:full.n_bonds]).nonzero()[0])
+    free_bond = int(rep._free[:full.n_bonds].nonzero()[0])
+    logs = []
+    for k in (None, frozen_bond, free_bond):
+        zk = z.clone()
+        if k is not None:
+            zk[:, k] += 0.03  # nm
+        xk = full.inverse(zk)[0]
+        torch.manual_seed(5)  # the same flow samples each time
+        n, log_w = model._own_samples_and_data(xk.float())
+        logs.append(log_w[n:].detach())
+    torch.testing.assert_close(logs[1], logs[0], atol=1e-3, rtol=0)
+    assert (logs[2] - logs[0]).abs().mean() > 1.0

@@ -33,7 +33,7 @@ def user_md(tmp_path, protein_md_dir):
 
 def test_readme_recipe_end_to_end(user_md):
     data = ["--data.init_args.topology=protein.pdb", "--data.init_args.trajectories=[traj*.dcd]",
-            "--data.init_args.forcefield=amber14-obc2"]
+            "--data.init_args.forcefield=amber14-obc2", "--data.init_args.constraints=none"]
     out = bg("data", "--topology", "protein.pdb", "--trajectories", "traj*.dcd", "--forcefield", "amber14-obc2",
              cwd=user_md)
     assert out.returncode == 0 and "frames: train" in out.stdout, out.stderr
@@ -48,6 +48,7 @@ def test_readme_recipe_end_to_end(user_md):
                                 dict(class_path="callbacks.SampleWriter", init_args=dict(output_dir="samples"))]),
         loss=dict(stages=dict(ml=dict(weights={"nll": 1.0}, epochs=1))),
         model=dict(init_args=dict(backbone_layers=2, sidechain_layers=2, width=16, depth=1, attention_dim=8,
+                                  compile_splines=False, energy_compile=False,
                                   w2_batch_size=8, kl_batch_size=8, sample_batch_size=32, predict_samples=40)),
         data=dict(init_args=dict(batch_size=8)))))
     out = bg("fit", "--config", CONFIG, "--config", quick, *data, cwd=user_md)

@@ -161,3 +161,83 @@ def test_energy_histogram_of_samples_all_beyond_the_range_warns_nothing():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["MD data"]
     plots.close(fig)
+
+
+def test_contact_map_against_mdtraj_and_weights(villin_md):
+    """Cα contact probabilities are mdtraj's Cα residue distances below the cutoff, averaged over frames; weights
+    that put everything on one frame give that frame's map; NaN frames count as weight 0."""
+    from bg.analysis import contact_map
+
+    system, xyz = villin_md
+    traj = md.Trajectory(xyz.astype(np.float32), system.topology)
+    d, pairs = md.compute_contacts(traj, contacts="all", scheme="ca")
+    assert traj.topology.n_residues == len([a for a in traj.topology.atoms if a.name == "CA"])
+    got = contact_map(torch.as_tensor(xyz), system.topology, cutoff=0.6).numpy()
+    # mdtraj leaves out pairs of near neighbours (|i − j| < 3): compare the pairs it gives
+    np.testing.assert_allclose(got[pairs[:, 0], pairs[:, 1]], np.mean(d < 0.6, axis=0), atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+    assert np.allclose(np.diag(got), 1.0)
+    log_w = torch.full((len(xyz),), -math.inf, dtype=torch.float64)
+    log_w[2] = 0.0
+    one = contact_map(torch.as_tensor(xyz), system.topology, log_w, cutoff=0.6).numpy()
+    for k, (i, j) in enumerate(pairs):
+        assert one[i, j] == float(d[2, k] < 0.6)
+    x_nan = torch.as_tensor(xyz).clone()
+    x_nan[0, traj.topology.select("name CA")[5], 0] = math.nan
+    np.testing.assert_allclose(contact_map(x_nan, system.topology, cutoff=0.6).numpy(),
+                               contact_map(torch.as_tensor(xyz[1:]), system.topology, cutoff=0.6).numpy())
+
+
+def test_weighted_quantiles_equal_repeated_samples():
+    """Weight 3 on a sample is the sample three times; equal weights give numpy's lower median."""
+    from bg.report import weighted_quantiles
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=11)
+    assert weighted_quantiles(v, [0.5])[0] == np.median(v)
+    counts = rng.integers(1, 4, size=11)
+    repeated = np.repeat(v, counts)
+    for q in (0.05, 0.5, 0.95):
+        assert weighted_quantiles(v, [q], np.log(counts))[0] == np.quantile(repeated, q, method="inverted_cdf")
+    assert weighted_quantiles(np.array([1.0, np.inf, 2.0]), [0.5])[0] == 1.0
+
+
+def test_report_structure_energies_distance_distortion_and_projection(aldp_system, aldp_frames, tiny_nsf_kwargs,
+                                                                      reference, tmp_path):
+    """The structure section of a reduced-coordinate model: the reference energies are the judge's energies of the MD
+    frames; MD frames on the model's coordinates keep every backbone distance (backbone coordinates are free) but
+    carry side-chain bonds at their means; ΔD is the direct formula; JSON, Markdown and both figures are written."""
+    from bg.analysis import backbone_pairs
+    from bg.metrics import pairwise_distances
+    from bg.report import PROJECTED, _projected
+
+    torch.manual_seed(0)
+    m = SplitChannelNSF(**dict(tiny_nsf_kwargs, reduced=True))
+    m.build(aldp_system, torch.as_tensor(aldp_frames[:150], dtype=torch.float32))
+    m.eval()
+    report = bg.evaluate(m, n=200, reference=reference[:80], n_boot=20, bins=8, seed=1)
+    s = report.structure
+    assert set(s.energies) == {"generator", "generator (reweighted)", "reference", PROJECTED}
+    x = torch.as_tensor(reference[:80].xyz, dtype=torch.float64)
+    u_ref = m.energy(x).double().numpy()
+    assert s.energies["reference"]["median"] == pytest.approx(np.quantile(u_ref, 0.5, method="inverted_cdf"))
+    projected = _projected(m, x, 32)
+    pairs = backbone_pairs(aldp_system.topology)
+    np.testing.assert_allclose(pairwise_distances(projected, pairs), pairwise_distances(x, pairs), atol=1e-6)
+    rep = m.density.representation
+    assert not torch.allclose(projected, x, atol=1e-4)  # side chains moved onto the means
+    torch.testing.assert_close(rep(projected)[0], rep(x)[0], atol=1e-6, rtol=0)
+    assert len(s.energy_values["generator"]) == 200
+    d_ref = pairwise_distances(x, pairs).mean(0)
+    # ΔD raw from the generator frames the report drew (same seed → same frames)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        xs = m.proposal.weigh(200, m.energy)["x"].double()
+    assert s.distance_distortion["raw"] == pytest.approx(float((pairwise_distances(xs, pairs).mean(0) - d_ref)
+                                                               .abs().mean()), rel=1e-6)
+    report.save(tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "ΔD" in text and PROJECTED in text and "energies.png" in text
+    assert (tmp_path / "out" / "energies.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["structure"]["energies_kT"]["reference"]["median"] == pytest.approx(s.energies["reference"]["median"])

@@ -198,6 +198,17 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         """Reduced energy u(x) ``(B,)`` in kT (float64) of frames ``(B, N, 3)`` nm; differentiable."""
         return self.target(x)
 
+    def on_model_coordinates(self, x: Tensor) -> Tensor:
+        """Frames ``(B, N, 3)`` nm as the model can express them: after a round trip through its representation
+        when that holds coordinates fixed (reduced internal coordinates, frozen bonds), else ``x`` itself.
+        Energies of MD frames compared with the model's samples need this: the frozen coordinates' thermal
+        energy (kT/2 each) is in the MD's energies but in no sample's."""
+        rep = getattr(getattr(self, "density", None), "representation", None)
+        if rep is None or not getattr(rep, "has_frozen", False):
+            return x
+        with torch.no_grad():
+            return rep.inverse(rep(x.double())[0])[0].to(x.dtype)
+
     def training_energy(self, x: Tensor) -> Tensor:
         """``energy`` with the linear-logarithmic cut of huge values (for losses); counted in
         ``energy_evaluations`` (frames), logged as ``train/energy_evaluations`` so that the ESS can be read
@@ -269,7 +280,9 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
             return cache[key]
         with torch.no_grad():
             xs, _ = self.density.sample(self.hparams.kl_batch_size)
-            pool = torch.cat([xs, x.to(xs.dtype)])
+            # data frames on the model's coordinates: else frozen side-chain bonds/angles add their MD energy to
+            # u of the data alone (hundreds of kT on a protein), a gap no flow can close
+            pool = torch.cat([xs, self.on_model_coordinates(x).to(xs.dtype)])
             u = self.training_energy(pool)
         out = len(xs), -u - self.density.log_prob(pool)
         if cache is not None:
