@@ -455,7 +455,8 @@ def _mean_distances(x: Tensor, pairs: Tensor, log_w: Tensor | None = None, chunk
 def _structure(traj: md.Trajectory, log_w: Tensor, reference: md.Trajectory | None,
                energies: dict[str, np.ndarray], cutoff: float) -> Structure | None:
     """The :class:`Structure` section: energies as given (``generator``, ``reference``, :data:`PROJECTED`),
-    ΔD and contact maps against ``reference``. None for a molecule without two residues with CA atoms."""
+    ΔD and contact maps against ``reference`` (contact maps need two residues with a CA atom, ΔD a protein
+    backbone). None when there is nothing to report."""
     top = traj.topology
     ca = alpha_carbons(top)
     lw = log_w.double()
@@ -640,5 +641,5 @@ def _load_reference(reference, topology) -> tuple[md.Trajectory, list[int]]:
     return md.join(trajs, check_topology=False, discard_overlapping_frames=False), [t.n_frames for t in trajs]
 
 
-__all__ = ["PROJECTED", "Report", "Structure", "Surface", "basin_states", "evaluate", "load_samples", "native_contacts", "radius_of_gyration",
-           "rmsd_to"]
+__all__ = ["PROJECTED", "Report", "Structure", "Surface", "basin_states", "evaluate", "load_samples", "native_contacts",
+           "radius_of_gyration", "rmsd_to"]
