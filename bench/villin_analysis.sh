@@ -14,7 +14,7 @@ $BG data --system "$PDB" --n-frames 40 --steps-per-frame 50 --timestep-fs 1 --eq
 MD="$RUN/data/villin_1vii/md"
 start=$(date +%s)
 $BG fit --config configs/hp35_nsf.yaml --data.init_args.topology="$MD/topology.pdb" \
-    --data.init_args.trajectories="[$MD/chunks/chunk_*.dcd]" --trainer.max_epochs=30 \
+    --data.init_args.trajectories="[$MD/chunks/chunk_*.dcd]" --data.init_args.constraints=none --trainer.max_epochs=30 \
     --trainer.logger.init_args.save_dir="$RUN/runs" | tee "$RUN/fit.log"
 echo "training wall time: $(( $(date +%s) - start )) s" | tee -a "$RUN/fit.log"
 CKPT=$(grep -o "last checkpoint: .*" "$RUN/fit.log" | tail -1 | cut -d' ' -f3)
