@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mdtraj as md
 import torch
@@ -58,11 +58,15 @@ class Reference:
 
     @classmethod
     def from_frames(cls, frames: Tensor, topology: md.Topology, energy: Energy, max_frames: int = 5000,
-                    batch_size: int = 1000) -> "Reference":
-        """At most ``max_frames`` evenly strided ``frames`` ``(F, N, 3)`` nm and their energies ``energy(x)``."""
+                    batch_size: int = 1000, project: Callable[[Tensor], Tensor] | None = None) -> "Reference":
+        """At most ``max_frames`` evenly strided ``frames`` ``(F, N, 3)`` nm and their energies ``energy(x)``;
+        ``project`` maps the kept frames first (e.g. a model's ``on_model_coordinates``, so that MD energies
+        compare with those of samples that hold some coordinates fixed)."""
         if len(frames) == 0:
             raise ValueError("the reference has no frames")
         x = frames[::max(1, math.ceil(len(frames) / max_frames))].double()
+        if project is not None:
+            x = batched(project, x, batch_size).double()
         pairs = backbone_pairs(topology).to(x.device)
         phi_q, psi_q = (q.to(x.device) for q in phi_psi_atoms(topology))
         with torch.no_grad():

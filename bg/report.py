@@ -46,6 +46,7 @@ from bg.estimators import (KCAL_PER_MOL_PER_K, Estimate, SampleSet, compare, fre
 from bg.metrics import pairwise_distances
 from bg.quiet import quiet_c_output
 from bg.sampling.ess import kish_ess
+from bg.sampling.proposal import batched
 from bg.sampling.smc import COLLAPSE_FRACTION, collapsed
 
 Observable = Callable[[md.Trajectory], np.ndarray]
@@ -412,7 +413,7 @@ def _judge(model, energy: EnergyChoice) -> tuple[Callable[[Tensor], Tensor], str
 
 def _energies(judge: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
-        return torch.cat([judge(c.double()).double() for c in x.split(batch_size)])
+        return batched(judge, x.double(), batch_size).double()
 
 
 def _draw(model, n: int, energy: EnergyChoice, seed: int, batch_size: int
@@ -432,10 +433,9 @@ def _draw(model, n: int, energy: EnergyChoice, seed: int, batch_size: int
 def _projected(model, x: Tensor, batch_size: int) -> Tensor | None:
     """Frames ``x`` on the model's coordinates (:meth:`BoltzmannGenerator.on_model_coordinates`) when it
     holds some fixed; None otherwise."""
-    rep = getattr(getattr(model, "density", None), "representation", None)
-    if rep is None or not getattr(rep, "has_frozen", False):
+    if not getattr(model, "freezes_coordinates", False):
         return None
-    return torch.cat([model.on_model_coordinates(c.double()) for c in x.split(batch_size)])
+    return batched(model.on_model_coordinates, x.double(), batch_size)
 
 
 def _mean_distances(x: Tensor, pairs: Tensor, log_w: Tensor | None = None, chunk: int = 512) -> Tensor:

@@ -101,13 +101,11 @@ class SampleEvaluation(Callback):
             if len(dm.positions[self.reference]) == 0:
                 raise ValueError(f"SampleEvaluation: the '{self.reference}' split is empty; give data.split a non-zero "
                                  f"{self.reference} fraction")
-            frames = dm.positions[self.reference].to(pl_module.device)
             # MD frames as the model can express them (frozen coordinates at its means), so that their energies
             # compare with the samples' (no-op for a model that freezes nothing)
-            project = getattr(pl_module, "on_model_coordinates", None)
-            if project is not None:
-                frames = torch.cat([project(c) for c in frames.split(1000)])
-            self._ref = Reference.from_frames(frames, pl_module.topology, pl_module.energy, self.max_reference)
+            self._ref = Reference.from_frames(dm.positions[self.reference].to(pl_module.device), pl_module.topology,
+                                              pl_module.energy, self.max_reference,
+                                              project=getattr(pl_module, "on_model_coordinates", None))
         return self._ref
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -198,14 +198,20 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
         """Reduced energy u(x) ``(B,)`` in kT (float64) of frames ``(B, N, 3)`` nm; differentiable."""
         return self.target(x)
 
+    @property
+    def freezes_coordinates(self) -> bool:
+        """Whether the model's representation holds coordinates fixed (reduced internal coordinates, frozen bonds)."""
+        rep = getattr(getattr(self, "density", None), "representation", None)
+        return bool(getattr(rep, "has_frozen", False))
+
     def on_model_coordinates(self, x: Tensor) -> Tensor:
         """Frames ``(B, N, 3)`` nm as the model can express them: after a round trip through its representation
-        when that holds coordinates fixed (reduced internal coordinates, frozen bonds), else ``x`` itself.
-        Energies of MD frames compared with the model's samples need this: the frozen coordinates' thermal
-        energy (kT/2 each) is in the MD's energies but in no sample's."""
-        rep = getattr(getattr(self, "density", None), "representation", None)
-        if rep is None or not getattr(rep, "has_frozen", False):
+        when that holds coordinates fixed (:attr:`freezes_coordinates`), else ``x`` itself. Energies of MD
+        frames compared with the model's samples need this: the frozen coordinates' thermal energy (kT/2 each)
+        is in the MD's energies but in no sample's."""
+        if not self.freezes_coordinates:
             return x
+        rep = self.density.representation
         with torch.no_grad():
             return rep.inverse(rep(x.double())[0])[0].to(x.dtype)
 
