@@ -55,8 +55,9 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
 
 
 @torch.no_grad()
-def ess(model, n: int, seed: int, phi_positive: list | None = None) -> float:
-    """ESS/n of ``n`` flow samples (torch force field); appends their raw φ > 0 fraction to ``phi_positive``."""
+def ess(model, n: int, seed: int, phi_positive: list | None = None, energies: list | None = None) -> float:
+    """ESS/n of ``n`` flow samples (torch force field); appends their raw φ > 0 fraction to ``phi_positive`` and
+    their energies' 5 % and 50 % quantiles (kT) to ``energies`` (what moves on a protein while ESS/n sits at 1/n)."""
     torch.manual_seed(seed)
     model.eval()
     out = model.proposal.weigh(n, model.energy)
@@ -64,6 +65,9 @@ def ess(model, n: int, seed: int, phi_positive: list | None = None) -> float:
     if phi_positive is not None:
         phi, _ = phi_psi(out["x"], model.system.topology)
         phi_positive.append(round(float((phi > 0).double().mean()), 4))
+    if energies is not None:
+        u = out["energy_kT"].double().nan_to_num(math.inf)
+        energies.append([float(torch.quantile(u, 0.05)), float(torch.quantile(u, 0.5))])
     return float(kish_ess(out["log_w"]))  # already per sample
 
 
@@ -107,8 +111,10 @@ def run(args: argparse.Namespace) -> dict:
     x = dm.positions["train"]
     budget = args.minutes * 60.0
     phi_positive: list[float] = []
-    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, phi_positive))]
-    print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f}", flush=True)
+    energies: list[list[float]] = []
+    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, phi_positive, energies))]
+    print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f} u 5 %/50 % {energies[-1][0]:.4g}/{energies[-1][1]:.4g} kT",
+          flush=True)
     trained, step, next_eval = 0.0, 0, args.eval_every
     while trained < budget:
         t0 = time.perf_counter()
@@ -127,9 +133,10 @@ def run(args: argparse.Namespace) -> dict:
         if trained >= next_eval or trained >= budget:
             next_eval += args.eval_every
             curve.append((round(trained, 1), step, model.energy_evaluations,
-                          ess(model, args.samples, args.seed + step, phi_positive)))
+                          ess(model, args.samples, args.seed + step, phi_positive, energies)))
             print(f"[{args.label}] t={trained:.0f}s step {step} energy evals {model.energy_evaluations} "
-                  f"ESS/n {curve[-1][3]:.4f} raw φ>0 {phi_positive[-1]:.4f}", flush=True)
+                  f"ESS/n {curve[-1][3]:.4f} raw φ>0 {phi_positive[-1]:.4f} "
+                  f"u 5 %/50 % {energies[-1][0]:.4g}/{energies[-1][1]:.4g} kT", flush=True)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         import lightning as L
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size,
             "conditioner_precision": model.hparams.get("conditioner_precision", "float32"),
             "compile_splines": model.hparams.get("compile_splines", False), "init": args.init, "curve": curve,
-            "phi_positive": phi_positive,
+            "phi_positive": phi_positive, "energies": energies,
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
 
@@ -155,18 +162,23 @@ def phi_range(row: dict) -> str:
     return f"{phi[0]:.3f} → {phi[-1]:.3f}" if phi else "–"
 
 
+def energy_range(row: dict) -> str:
+    u = row.get("energies")  # rows written before the column existed have none
+    return f"{u[0][0]:.3g} / {u[0][1]:.3g} → {u[-1][0]:.3g} / {u[-1][1]:.3g}" if u else "–"
+
+
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = [f"Machine: {platform.node()} ({torch.get_num_threads()} torch threads, no GPU), torch {torch.__version__}; "
            "ESS/n of flow samples judged by the torch force field; wall time of training only.", "",
-           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best | raw φ>0 start → end |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best | raw φ>0 start → end | u 5 % / 50 % (kT) start → end |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
         pts = ", ".join(f"{t:.0f}: {fmt_ess(e)}" for t, _, _, e in c[1:])
         best = max(e for *_, e in c)
         out.append(f"| {r['label']} | {', '.join(f'{k} {v:g}' for k, v in r['terms'].items())} | {r['lr']:g} | "
-                   f"{fmt_ess(c[0][3])} | {pts} | {c[-1][2]:,} | {fmt_ess(best)} | {phi_range(r)} |")
+                   f"{fmt_ess(c[0][3])} | {pts} | {c[-1][2]:,} | {fmt_ess(best)} | {phi_range(r)} | {energy_range(r)} |")
     out += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
     return "\n".join(out)
 

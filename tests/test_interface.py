@@ -4,6 +4,7 @@ evaluation without a Trainer."""
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from bg.flows import CartesianDensity, CartesianTarFlow, Flow
 from bg.models import EquivariantCNF, SplitChannelNSF, TarFlowGenerator
 from bg.sampling import MALA, ImportanceSampler, Particles, SMCSampler, kish_ess
 from bg.sampling.ess import ess_from_log_sums
+from bg.systems import build_capped_peptide
 from datamodules import MDDataModule
 
 
@@ -155,3 +157,24 @@ def test_evaluate_without_a_trainer_matches_the_importance_sampler(aldp_system, 
     smc = evaluate(model.proposal, model.energy, ref, n=16, seed=3,
                    sampler=SMCSampler(n_steps=2, step_size=1e-7, batch_size=16))
     assert 0 < smc["smc_ancestor_fraction"] <= 1 and math.isfinite(smc["smc_energy_w2"])
+
+
+def test_checkpoints_made_before_rigid_rings_load_with_the_rings_they_had(tmp_path):
+    # Phe's ring: a reduced NSF saved without the `rigid_rings` option (made before it existed) has free ring
+    # torsions, and must load with them and the same density, although today's default freezes them.
+    pep = build_capped_peptide("F", minimize=False)
+    rng = np.random.default_rng(0)
+    frames = torch.tensor(pep.positions[None] + 0.005 * rng.standard_normal((8, pep.n_atoms, 3)))
+    kwargs = dict(backbone_layers=2, sidechain_layers=1, width=8, attention_dim=4)
+    old, new = SplitChannelNSF(rigid_rings=False, **kwargs), SplitChannelNSF(**kwargs)
+    for m in (old, new):
+        m.build(pep, frames)
+    assert new.representation.dim < old.representation.dim
+    ckpt = {"state_dict": old.state_dict(), "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": {k: v for k, v in old.hparams.items() if k != "rigid_rings"}}
+    old.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    loaded = bg.load_generator(tmp_path / "old.ckpt").double()
+    assert loaded.representation.dim == old.representation.dim and loaded.hparams.rigid_rings is False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_prob(frames), old.double().eval().log_prob(frames), rtol=0, atol=1e-10)

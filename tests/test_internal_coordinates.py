@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from bg.coordinates import InternalCoordinates
+from bg.coordinates import InternalCoordinates, build_zmatrix, is_backbone_atom
+from bg.coordinates.internal import _main_mode, _mean
+from bg.coordinates.zmatrix import small_rings
 from bg.systems import build_capped_peptide
 
 
@@ -121,30 +123,49 @@ def test_torsions_in_range(aldp_system, aldp_frames):
     assert a.min() > 0 and a.max() < math.pi
 
 
-def check_reduced(topology, frames: np.ndarray) -> None:
-    full = InternalCoordinates(topology)
-    with pytest.raises(RuntimeError, match="fit"):
-        InternalCoordinates(topology, reduced=True).inverse(torch.zeros(1, 10, dtype=torch.float64))
-    ic = InternalCoordinates(topology, reduced=True, reference=frames)
-    assert ic.dim < full.dim
-    # Free: every backbone coordinate and every torsion; frozen: side-chain bonds and angles.
-    assert bool((ic.is_backbone | ic.is_torsion).all())
-    sc = torch.tensor([not r["backbone"] and r["kind"] != "torsion" for r in full.coordinate_table()])
-    assert full.dim - ic.dim == int(sc.sum())
+def ring_torsion_count(topology, ic: InternalCoordinates) -> int:
+    """Torsions that shape a ring, counted from the Z-matrix itself: placed atom in a ring, ≥ 3 of 4 atoms there."""
+    rings = small_rings(topology, ic.zmatrix)
+    return sum(1 for quad in ic.torsion_idx.tolist() for ring in rings
+               if quad[0] in ring and len(ring.intersection(quad)) >= 3)
+
+
+def check_projection(ic: InternalCoordinates, frames: np.ndarray) -> torch.Tensor:
+    """Projection of ``frames`` onto the reduced manifold: log-dets cancel, it is idempotent, free coordinates
+    and backbone geometry are untouched, frozen ones sit at ``frozen_values``; returns the projected frames."""
     x = torch.tensor(frames, dtype=torch.float64)
     z, ld = ic(x)
     xp, ld_i = ic.inverse(z)
     assert (ld + ld_i).abs().max() < 1e-9
-    # The projection is idempotent and leaves backbone geometry and all torsions untouched.
     z2, _ = ic(xp)
     assert (z2 - z).abs().max() < 1e-9
-    zf, _ = full(xp)
-    torch.testing.assert_close(zf[:, sc], ic.frozen_values.expand(len(xp), -1), atol=1e-9, rtol=0)
-    torch.testing.assert_close(zf[:, ~sc], full(x)[0][:, ~sc], atol=1e-9, rtol=0)
-    # Frozen means are part of the state dict (a checkpoint restores the same manifold).
-    again = InternalCoordinates(topology, reduced=True)
+    every = ic._all_coordinates(xp)
+    frozen = every[:, ~ic._free]
+    gap = frozen - ic.frozen_values
+    gap = torch.where(ic._frozen_torsion, torch.remainder(gap + math.pi, 2 * math.pi) - math.pi, gap)
+    assert gap.abs().max() < 1e-9
+    torch.testing.assert_close(every[:, ic._free], ic._all_coordinates(x)[:, ic._free], atol=1e-9, rtol=0)
+    # Frozen values are part of the state dict (a checkpoint restores the same manifold).
+    again = InternalCoordinates(ic.topology, reduced=True, rigid_rings=bool((ic._ring_id >= 0).any()))
     again.load_state_dict(ic.state_dict())
     assert torch.equal(again.frozen_values, ic.frozen_values)
+    return xp
+
+
+def check_reduced(topology, frames: np.ndarray) -> None:
+    full = InternalCoordinates(topology)
+    with pytest.raises(RuntimeError, match="fit"):
+        InternalCoordinates(topology, reduced=True).inverse(torch.zeros(1, 10, dtype=torch.float64))
+    loose = InternalCoordinates(topology, reduced=True, rigid_rings=False, reference=frames)
+    ic = InternalCoordinates(topology, reduced=True, reference=frames)
+    # Without rigid rings: every backbone coordinate and every torsion free, side-chain bonds and angles frozen.
+    assert bool((loose.is_backbone | loose.is_torsion).all())
+    sc = torch.tensor([not r["backbone"] and r["kind"] != "torsion" for r in full.coordinate_table()])
+    assert full.dim - loose.dim == int(sc.sum())
+    # Rigid rings freeze the torsions that shape them as well, and nothing else.
+    assert loose.dim - ic.dim == ring_torsion_count(topology, ic) > 0
+    for rep in (loose, ic):
+        check_projection(rep, frames)
 
 
 def test_reduced_representation_villin(villin_md):
@@ -156,6 +177,68 @@ def test_reduced_representation_all_residues(all_residues):
     rng = np.random.default_rng(5)
     frames = all_residues.positions[None] + 0.01 * rng.standard_normal((5, all_residues.n_atoms, 3))
     check_reduced(all_residues.topology, frames)
+
+
+def test_rings_found(all_residues):
+    top = all_residues.topology
+    rings = small_rings(top, build_zmatrix(top))
+    by_residue = {}
+    for ring in rings:
+        (res,) = {top.atom(i).residue.name for i in ring}
+        by_residue[res] = sorted(top.atom(i).name for i in ring)
+    assert by_residue == {
+        "PHE": ["CD1", "CD2", "CE1", "CE2", "CG", "CZ"], "TYR": ["CD1", "CD2", "CE1", "CE2", "CG", "CZ"],
+        "HIS": ["CD2", "CE1", "CG", "ND1", "NE2"], "PRO": ["CA", "CB", "CD", "CG", "N"],
+        "TRP": ["CD1", "CD2", "CE2", "CE3", "CG", "CH2", "CZ2", "CZ3", "NE1"],  # indole: two rings, one system
+    }
+
+
+def test_rigid_rings_keep_ring_closures(villin_md):
+    """MD frames on the reduced manifold: with rigid rings every ring keeps its shape, so the bonds that close
+    rings (no coordinate of the Z-matrix) keep their MD lengths; with free ring torsions they take the error."""
+    system, frames = villin_md
+    top = system.topology
+    x = torch.tensor(frames, dtype=torch.float64)
+    gaps = {}
+    for rigid in (False, True):
+        ic = InternalCoordinates(top, reduced=True, rigid_rings=rigid, reference=frames)
+        xp = check_projection(ic, frames)
+        tree = {frozenset(p) for p in ic.bond_idx.tolist()}
+        closures = torch.tensor([(b.atom1.index, b.atom2.index) for b in top.bonds
+                                 if frozenset((b.atom1.index, b.atom2.index)) not in tree])
+        length = lambda y: torch.linalg.vector_norm(y[:, closures[:, 0]] - y[:, closures[:, 1]], dim=-1)  # noqa: E731
+        gaps[rigid] = (length(xp) - length(x).mean(0)).abs().max()
+        if rigid:
+            for ring in small_rings(top, ic.zmatrix):
+                atoms = sorted(ring)
+                if not any(is_backbone_atom(top.atom(i)) for i in atoms):  # Pro's ring holds the free N–CA bond
+                    d = pairwise(xp[:, atoms])
+                    assert (d - d[:1]).abs().max() < 1e-9
+    assert gaps[True] < 0.005 < gaps[False]
+
+
+def test_ring_modes_and_circular_means():
+    # Two pucker modes (60/40): the mean is taken over the larger one, and near ±π the mean is circular.
+    rng = np.random.default_rng(0)
+    modes = np.where(rng.random(500) < 0.6, 0.5, -0.5)[:, None] + 0.05 * rng.standard_normal((500, 2))
+    t = torch.tensor(np.concatenate([modes, math.pi + 0.1 * rng.standard_normal((500, 1))], 1))
+    t = torch.remainder(t + math.pi, 2 * math.pi) - math.pi
+    main = _main_mode(t[:, :2], 0.5)
+    assert torch.equal(main, torch.tensor(modes[:, 0] > 0))
+    mean = _mean(t[main], torch.tensor([True, True, True]))
+    assert abs(mean[0] - 0.5) < 0.02 and abs(abs(mean[2]) - math.pi) < 0.02
+
+
+def test_closure_references_only_change_proline_cd_hydrogens(all_residues):
+    top = all_residues.topology
+    plain, closed = build_zmatrix(top), build_zmatrix(top, closure_references=True)
+    assert np.array_equal(plain.order, closed.order)
+    changed = {top.atom(int(a)).name for a, p, c in zip(plain.order, plain.refs, closed.refs) if (p != c).any()}
+    assert changed == {"HD2", "HD3"}
+    pro = next(r for r in top.residues if r.name == "PRO")
+    for a, r in zip(closed.order, closed.refs):
+        if top.atom(int(a)).name in ("HD2", "HD3") and top.atom(int(a)).residue is pro:
+            assert r[2] == pro.atom("N").index
 
 
 def test_gradients_flow_through_inverse(aldp_system, aldp_frames):

@@ -9,7 +9,10 @@ coordinates and the familiar torsions are coordinates themselves:
   φ = C(i−1)–N–CA–C, ψ = N–CA–C–N(i+1), ω = CA(i−1)–C(i−1)–N–CA are coordinates;
 - the first child of an atom takes the proper torsion (d = parent of g); its later siblings
   take the dihedral relative to the first sibling (e.g. H2–C–N–H1 ≈ ±120°), which is narrow;
-- the proline ring is closed through CG–CD: the N–CD bond is implied, not a coordinate.
+- the proline ring is closed through CG–CD: the N–CD bond is implied, not a coordinate. With
+  ``closure_references`` the first hydrogen on CD takes its dihedral relative to N (HD2–CD–CG–N, ±120°
+  in either pucker) instead of the proper HD2–CD–CG–CB, which follows the pucker; rigid rings need it
+  (``InternalCoordinates``), and it stays off by default so that older checkpoints keep their coordinates.
 """
 
 from __future__ import annotations
@@ -60,12 +63,13 @@ class ZMatrix:
         return len(self.order)
 
 
-def _neighbors(topology: md.Topology) -> list[list[int]]:
+def _neighbors(topology: md.Topology, closures: bool = False) -> list[list[int]]:
+    """Bonded neighbours of every atom; without the RING_CLOSURES bonds unless ``closures``."""
     nbrs: list[list[int]] = [[] for _ in range(topology.n_atoms)]
     for bond in topology.bonds:
         a, b = bond.atom1, bond.atom2
         closure = RING_CLOSURES.get(a.residue.name)
-        if closure and a.residue is b.residue and {a.name, b.name} == set(closure):
+        if not closures and closure and a.residue is b.residue and {a.name, b.name} == set(closure):
             continue
         nbrs[a.index].append(b.index)
         nbrs[b.index].append(a.index)
@@ -102,8 +106,10 @@ def _roots(topology: md.Topology, nbrs: list[list[int]]) -> tuple[int, int, int]
     raise ValueError("internal coordinates need at least three bonded atoms in a chain")
 
 
-def build_zmatrix(topology: md.Topology) -> ZMatrix:
+def build_zmatrix(topology: md.Topology, closure_references: bool = False) -> ZMatrix:
     """Build the Z-matrix of a single connected molecule from its bonds.
+
+    ``closure_references``: sibling references may be RING_CLOSURES partners (see the module docstring).
 
     Raises ``ValueError`` with the fix when the topology has no bonds or several molecules.
     """
@@ -116,6 +122,7 @@ def build_zmatrix(topology: md.Topology) -> ZMatrix:
             "names (mdtraj/OpenMM add standard bonds), or call topology.create_standard_bonds()"
         )
     nbrs = _neighbors(topology)
+    bonded = _neighbors(topology, closures=True) if closure_references else nbrs
     atoms = list(topology.atoms)
     r0, r1, r2 = _roots(topology, nbrs)
 
@@ -152,7 +159,7 @@ def build_zmatrix(topology: md.Topology) -> ZMatrix:
         p = parent[a]
         g = parent[p] if p != r0 else r1
         placed_before = lambda i: rank[i] < k  # noqa: E731
-        siblings = sorted((i for i in nbrs[p] if i not in (g, a) and placed_before(i)), key=rank.__getitem__)
+        siblings = sorted((i for i in bonded[p] if i not in (g, a) and placed_before(i)), key=rank.__getitem__)
         if siblings:
             d = siblings[0]
         else:
@@ -167,3 +174,40 @@ def build_zmatrix(topology: md.Topology) -> ZMatrix:
         level_of[a] = 1 + max(level_of[p], level_of[g], level_of[d])
         levels[k] = level_of[a]
     return ZMatrix(order=np.asarray(order), refs=refs, levels=levels)
+
+
+def small_rings(topology: md.Topology, zmatrix: ZMatrix, max_size: int = 8) -> list[frozenset[int]]:
+    """Ring systems of at most ``max_size`` atoms per ring inside one residue, as atom index sets.
+
+    Every bond of the topology that the Z-matrix tree does not contain closes one ring: the tree path
+    between its atoms plus the bond. Rings that share a bond (Trp's indole) merge into one system.
+    Rings through several residues (disulfides, cyclic peptides) are not returned: freezing them would
+    freeze the backbone between.
+    """
+    parent = {int(a): int(r[0]) for a, r in zip(zmatrix.order, zmatrix.refs) if r[0] >= 0}
+    atoms = list(topology.atoms)
+
+    def path_to_root(i: int) -> list[int]:
+        path = [i]
+        while path[-1] in parent:
+            path.append(parent[path[-1]])
+        return path
+
+    rings: list[set[int]] = []
+    for bond in topology.bonds:
+        u, v = bond.atom1.index, bond.atom2.index
+        if parent.get(u) == v or parent.get(v) == u or atoms[u].residue is not atoms[v].residue:
+            continue
+        pu, pv = path_to_root(u), path_to_root(v)
+        common = set(pu) & set(pv)
+        ring = set(pu[: next(k for k, a in enumerate(pu) if a in common) + 1])
+        ring |= set(pv[: next(k for k, a in enumerate(pv) if a in common) + 1])
+        if len(ring) <= max_size and len({atoms[i].residue.index for i in ring}) == 1:
+            rings.append(ring)
+    merged: list[set[int]] = []
+    for ring in rings:
+        for other in [m for m in merged if len(m & ring) >= 2]:
+            merged.remove(other)
+            ring = ring | other
+        merged.append(ring)
+    return [frozenset(r) for r in merged]

@@ -43,6 +43,9 @@ class SplitChannelNSF(BoltzmannGenerator):
     Args:
         reduced: freeze side-chain bonds and angles at their training means (proteins); ``False``
             models every internal coordinate (alanine dipeptide, comparable with the literature).
+        rigid_rings: with ``reduced``, side-chain rings (Phe, Tyr, Trp, His, Pro) are rigid at the mean of their
+            most populated conformation, so that the bond closing each ring keeps its length (see
+            ``bg.coordinates.internal``). Checkpoints made before this option load with ``False``, as they were.
         split_channels, conditioner, backbone_layers, sidechain_layers, bins, width, depth, attention_dim,
             absolute_position, rotary, tokens, base_bounded, base_torsion, bound_margin, narrow_torsions: the
             flow, see ``bg.flows.neural_spline_flow`` (``bound_margin``: the spline interval of a bond/angle is
@@ -62,8 +65,9 @@ class SplitChannelNSF(BoltzmannGenerator):
     """
 
     loss_terms = ("nll", "w2", "kl", "kl_path", "fkl_is", "logvar", "alpha2", "nll_mcmc")
+    legacy_hparams = {"rigid_rings": False}
 
-    def __init__(self, reduced: bool = True, split_channels: bool = True, conditioner: Conditioner = "gau",
+    def __init__(self, reduced: bool = True, rigid_rings: bool = True, split_channels: bool = True, conditioner: Conditioner = "gau",
                  backbone_layers: int = 8, sidechain_layers: int = 4, bins: int = 8, width: int = 64, depth: int = 2,
                  attention_dim: int = 32, absolute_position: AbsoluteEmbedding = "sinusoidal", rotary: bool = True,
                  tokens: GAUTokens = "residue", base_bounded: BoundedBase = "truncated_normal",
@@ -76,6 +80,7 @@ class SplitChannelNSF(BoltzmannGenerator):
 
     def build_density(self, system: MolecularSystem) -> CartesianDensity:
         rep = InternalCoordinates(system.topology, reduced=self.hparams.reduced,
+                                  rigid_rings=self.hparams.rigid_rings,
                                   frozen_bonds=system.constrained_bonds())
         kinds = rep.is_angle.long() + 2 * rep.is_torsion.long()
         # the flow's options are this module's own (declared once, in the signature above)

@@ -23,6 +23,15 @@ class CheckpointHooks:
 
     #: state-dict key prefixes of format-1 checkpoints (before the density existed) → today's
     key_renames: dict[str, str] = {"flow.": "density.flow.", "representation.": "density.representation."}
+    #: options added after checkpoints of the family existed → the value those checkpoints were made with
+    legacy_hparams: dict[str, Any] = {}
+
+    def restore_legacy_hparams(self, checkpoint: dict[str, Any]) -> None:
+        """Options a checkpoint predates take the value it was made with, not today's default."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key, value in self.legacy_hparams.items():
+            if key not in saved:
+                self.hparams[key] = value
 
     def build_from_checkpoint(self, ckpt_path: str) -> None:
         """Build the (untrained) density for the molecule stored in a checkpoint; the weights are loaded
@@ -31,6 +40,7 @@ class CheckpointHooks:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
             if "bg_system" not in ckpt:
                 raise ValueError(f"{ckpt_path}: not a bg generator checkpoint (no 'bg_system' entry)")
+            self.restore_legacy_hparams(ckpt)
             self.build(MolecularSystem.from_dict(ckpt["bg_system"]), None)
 
     def molecule_entries(self) -> dict[str, Any]:
@@ -40,6 +50,7 @@ class CheckpointHooks:
     def restore_molecule(self, checkpoint: dict[str, Any]) -> None:
         """Build the density for the checkpoint's molecule (unless built), before the weights load."""
         if not self.is_built:
+            self.restore_legacy_hparams(checkpoint)
             self.build(MolecularSystem.from_dict(checkpoint["bg_system"]), None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
