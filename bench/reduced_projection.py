@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from bg.coordinates import InternalCoordinates
+from bg.coordinates.geometry import bond_lengths as distances
 from bg.energy.factory import target_energy
 from bg.systems.builtin import get_system
 from bg.systems.simulate import load_md
 
 
 def bond_lengths(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x[:, pairs[:, 0]] - x[:, pairs[:, 1]], dim=-1)
+    """Lengths ``(F, P)`` nm of the atom pairs ``(P, 2)`` in frames ``(F, N, 3)``."""
+    return distances(x[:, pairs[:, 0]], x[:, pairs[:, 1]])
 
 
 def main() -> None:

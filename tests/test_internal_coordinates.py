@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bg.coordinates import InternalCoordinates, build_zmatrix, is_backbone_atom
+from bg.coordinates.geometry import wrap_angle
 from bg.coordinates.internal import _main_mode, _mean
 from bg.coordinates.zmatrix import small_rings
 from bg.systems import build_capped_peptide
@@ -142,7 +143,7 @@ def check_projection(ic: InternalCoordinates, frames: np.ndarray) -> torch.Tenso
     every = ic._all_coordinates(xp)
     frozen = every[:, ~ic._free]
     gap = frozen - ic.frozen_values
-    gap = torch.where(ic._frozen_torsion, torch.remainder(gap + math.pi, 2 * math.pi) - math.pi, gap)
+    gap = torch.where(ic._frozen_torsion, wrap_angle(gap), gap)
     assert gap.abs().max() < 1e-9
     torch.testing.assert_close(every[:, ic._free], ic._all_coordinates(x)[:, ic._free], atol=1e-9, rtol=0)
     # Frozen values are part of the state dict (a checkpoint restores the same manifold).
@@ -222,7 +223,7 @@ def test_ring_modes_and_circular_means():
     rng = np.random.default_rng(0)
     modes = np.where(rng.random(500) < 0.6, 0.5, -0.5)[:, None] + 0.05 * rng.standard_normal((500, 2))
     t = torch.tensor(np.concatenate([modes, math.pi + 0.1 * rng.standard_normal((500, 1))], 1))
-    t = torch.remainder(t + math.pi, 2 * math.pi) - math.pi
+    t = wrap_angle(t)
     main = _main_mode(t[:, :2], 0.5)
     assert torch.equal(main, torch.tensor(modes[:, 0] > 0))
     mean = _mean(t[main], torch.tensor([True, True, True]))

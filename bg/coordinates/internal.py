@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bg.coordinates.geometry import bond_angles, bond_lengths, dihedrals, place_atom
+from bg.coordinates.geometry import bond_angles, bond_lengths, circular_mean, dihedrals, place_atom, wrap_angle
 from bg.coordinates.zmatrix import ZMatrix, build_zmatrix, is_backbone_atom, small_rings
 
 BOND, ANGLE, TORSION = 0, 1, 2
@@ -104,17 +104,19 @@ class InternalCoordinates(nn.Module):
         if reduced:
             free = backbone | (kind == TORSION)
             if rigid_rings:
+                rings = small_rings(topology, zm)
+                ring_of = {atom: r for r, ring in enumerate(rings) for atom in ring}
                 quads = self.torsion_idx.tolist()
-                for r, ring in enumerate(small_rings(topology, zm)):
-                    for k, atom in enumerate(placed.tolist()):
-                        if atom not in ring:
-                            continue
-                        if kind[k] == TORSION:
-                            # a torsion shapes the ring when three of its four atoms are ring atoms
-                            if len(ring.intersection(quads[k - nb - na])) >= 3:
-                                free[k], ring_id[k] = False, r
-                        elif not free[k]:
-                            ring_id[k] = r
+                for k, atom in enumerate(placed.tolist()):
+                    r = ring_of.get(atom, -1)
+                    if r < 0:
+                        continue
+                    if kind[k] == TORSION:
+                        # a torsion shapes the ring when three of its four atoms are ring atoms
+                        if len(rings[r].intersection(quads[k - nb - na])) >= 3:
+                            free[k], ring_id[k] = False, r
+                    elif not free[k]:
+                        ring_id[k] = r
         if len(frozen_bonds):
             bond_of = {frozenset(p): k for k, p in enumerate(self.bond_idx.tolist())}
             missing = [tuple(p) for p in frozen_bonds if frozenset(map(int, p)) not in bond_of]
@@ -306,8 +308,7 @@ class InternalCoordinates(nn.Module):
 def _mean(values: Tensor, torsion: Tensor) -> Tensor:
     """Mean over frames ``(F, K)`` → ``(K,)``; circular where ``torsion`` ``(K,)`` is set."""
     out = values.mean(0)
-    t = values[:, torsion]
-    out[torsion] = torch.atan2(torch.sin(t).mean(0), torch.cos(t).mean(0))
+    out[torsion] = circular_mean(values[:, torsion])
     return out
 
 
@@ -317,8 +318,7 @@ def _main_mode(torsions: Tensor, width: float) -> Tensor:
     c, s = torch.cos(torsions), torch.sin(torsions)
     spread = -(c * c.sum(0) + s * s.sum(0)).sum(-1)  # Σ_j Σ_k (1 − cos(t_ik − t_jk)) up to a constant
     medoid = torsions[torch.argmin(spread)]
-    gap = torch.remainder(torsions - medoid + math.pi, 2 * math.pi) - math.pi
-    return (gap.abs() <= width).all(-1)
+    return (wrap_angle(torsions - medoid).abs() <= width).all(-1)
 
 
 def _frame(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
