@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bg  # noqa: E402
-from bg.analysis import phi_psi  # noqa: E402
+from bg.analysis import backbone_pairs, phi_psi  # noqa: E402
+from bg.metrics import DistanceDistortion, pairwise_distances  # noqa: E402
 from bg.sampling.ess import kish_ess  # noqa: E402
 from bench.md_reference import datamodule  # noqa: E402
 
@@ -54,20 +55,43 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
     return cfg, dm, model
 
 
+def distortion_meter(model, frames: torch.Tensor) -> DistanceDistortion | None:
+    """ΔD against the mean heavy-backbone distances of MD ``frames`` ``(B, N, 3)`` (nm); ``None`` for a molecule
+    with too few backbone atoms."""
+    try:
+        pairs = backbone_pairs(model.system.topology)
+    except ValueError:
+        return None
+    meter = DistanceDistortion(pairwise_distances(frames.double(), pairs).mean(0))
+    meter.pairs = pairs
+    return meter
+
+
 @torch.no_grad()
-def ess(model, n: int, seed: int, phi_positive: list | None = None, energies: list | None = None) -> float:
-    """ESS/n of ``n`` flow samples (torch force field); appends their raw φ > 0 fraction to ``phi_positive`` and
-    their energies' 5 % and 50 % quantiles (kT) to ``energies`` (what moves on a protein while ESS/n sits at 1/n)."""
+def ess(model, n: int, seed: int, readings: dict[str, list] | None = None,
+        meter: DistanceDistortion | None = None) -> float:
+    """ESS/n of ``n`` flow samples (torch force field). Given ``readings``, appends to its lists what moves while
+    ESS/n sits at 1/n on a protein: ``phi_positive``, the raw φ > 0 fraction; ``energies``, the 5 % and 50 %
+    energy quantiles (kT); ``log_w_sd``, the spread of the finite log weights as a robust standard
+    deviation (interquartile range / 1.349, nats: a few clashing samples at 1e9 kT would swamp a plain one;
+    lognormal weights have ESS/n = exp(−sd²)); and with ``meter``, ``distortion``, the raw ΔD (nm; whether a stage keeps
+    the fold)."""
     torch.manual_seed(seed)
     model.eval()
     out = model.proposal.weigh(n, model.energy)
     model.train()
-    if phi_positive is not None:
+    if readings is not None:
         phi, _ = phi_psi(out["x"], model.system.topology)
-        phi_positive.append(round(float((phi > 0).double().mean()), 4))
-    if energies is not None:
+        readings["phi_positive"].append(round(float((phi > 0).double().mean()), 4))
         u = out["energy_kT"].double().nan_to_num(math.inf)
-        energies.append([float(torch.quantile(u, 0.05)), float(torch.quantile(u, 0.5))])
+        readings["energies"].append([float(torch.quantile(u, 0.05)), float(torch.quantile(u, 0.5))])
+        log_w = out["log_w"].double()
+        q25, q75 = torch.quantile(log_w[torch.isfinite(log_w)], torch.tensor([0.25, 0.75], dtype=torch.float64))
+        readings["log_w_sd"].append(round(float(q75 - q25) / 1.349, 2))
+        if meter is not None:
+            meter.reset()
+            meter.update(pairwise_distances(out["x"].double(), meter.pairs))
+            readings["distortion"].append(round(float(meter.compute()), 4))
     return float(kish_ess(out["log_w"]))  # already per sample
 
 
@@ -110,11 +134,16 @@ def run(args: argparse.Namespace) -> dict:
     batch = cfg["data"]["init_args"].get("batch_size", 256)
     x = dm.positions["train"]
     budget = args.minutes * 60.0
-    phi_positive: list[float] = []
-    energies: list[list[float]] = []
-    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, phi_positive, energies))]
-    print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f} u 5 %/50 % {energies[-1][0]:.4g}/{energies[-1][1]:.4g} kT",
-          flush=True)
+    meter = distortion_meter(model, dm.positions["val"])
+    readings: dict[str, list] = {"phi_positive": [], "energies": [], "log_w_sd": [], "distortion": []}
+    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, readings, meter))]
+
+    def shown() -> str:
+        u = readings["energies"][-1]
+        dd = f" ΔD {readings['distortion'][-1]:.3f} nm" if meter is not None else ""
+        return f"u 5 %/50 % {u[0]:.4g}/{u[1]:.4g} kT log w sd {readings['log_w_sd'][-1]:.4g}{dd}"
+
+    print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f} {shown()}", flush=True)
     trained, step, next_eval = 0.0, 0, args.eval_every
     while trained < budget:
         t0 = time.perf_counter()
@@ -133,10 +162,9 @@ def run(args: argparse.Namespace) -> dict:
         if trained >= next_eval or trained >= budget:
             next_eval += args.eval_every
             curve.append((round(trained, 1), step, model.energy_evaluations,
-                          ess(model, args.samples, args.seed + step, phi_positive, energies)))
+                          ess(model, args.samples, args.seed + step, readings, meter)))
             print(f"[{args.label}] t={trained:.0f}s step {step} energy evals {model.energy_evaluations} "
-                  f"ESS/n {curve[-1][3]:.4f} raw φ>0 {phi_positive[-1]:.4f} "
-                  f"u 5 %/50 % {energies[-1][0]:.4g}/{energies[-1][1]:.4g} kT", flush=True)
+                  f"ESS/n {curve[-1][3]:.4f} raw φ>0 {readings['phi_positive'][-1]:.4f} {shown()}", flush=True)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         import lightning as L
@@ -148,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size,
             "conditioner_precision": model.hparams.get("conditioner_precision", "float32"),
             "compile_splines": model.hparams.get("compile_splines", False), "init": args.init, "curve": curve,
-            "phi_positive": phi_positive, "energies": energies,
+            **{k: v or None for k, v in readings.items()},
             "command": "python bench/energy_stages.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
 
 
@@ -157,28 +185,28 @@ def fmt_ess(e: float) -> str:
     return f"{e:.3f}" if e >= 0.01 else f"{e:.1e}"
 
 
-def phi_range(row: dict) -> str:
-    phi = row.get("phi_positive")  # rows written before the column existed have none
-    return f"{phi[0]:.3f} → {phi[-1]:.3f}" if phi else "–"
-
-
 def energy_range(row: dict) -> str:
     u = row.get("energies")  # rows written before the column existed have none
     return f"{u[0][0]:.3g} / {u[0][1]:.3g} → {u[-1][0]:.3g} / {u[-1][1]:.3g}" if u else "–"
+
+
+def start_end(row: dict, key: str, fmt: str) -> str:
+    values = row.get(key)  # rows written before the column existed have none
+    return f"{values[0]:{fmt}} → {values[-1]:{fmt}}" if values else "–"
 
 
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = [f"Machine: {platform.node()} ({torch.get_num_threads()} torch threads, no GPU), torch {torch.__version__}; "
            "ESS/n of flow samples judged by the torch force field; wall time of training only.", "",
-           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best | raw φ>0 start → end | u 5 % / 50 % (kT) start → end |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| stage | terms (weights) | lr | start ESS/n | ESS/n after (wall s: ESS/n) | energy evaluations | best | raw φ>0 start → end | u 5 % / 50 % (kT) start → end | log w robust sd (nats) start → end | ΔD (nm) start → end |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["curve"]
         pts = ", ".join(f"{t:.0f}: {fmt_ess(e)}" for t, _, _, e in c[1:])
         best = max(e for *_, e in c)
         out.append(f"| {r['label']} | {', '.join(f'{k} {v:g}' for k, v in r['terms'].items())} | {r['lr']:g} | "
-                   f"{fmt_ess(c[0][3])} | {pts} | {c[-1][2]:,} | {fmt_ess(best)} | {phi_range(r)} | {energy_range(r)} |")
+                   f"{fmt_ess(c[0][3])} | {pts} | {c[-1][2]:,} | {fmt_ess(best)} | {start_end(r, 'phi_positive', '.3f')} | {energy_range(r)} | {start_end(r, 'log_w_sd', '.3g')} | {start_end(r, 'distortion', '.3f')} |")
     out += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in rows]
     return "\n".join(out)
 

@@ -250,3 +250,44 @@ def test_data_log_weights_of_a_reduced_model_ignore_its_frozen_coordinates(aldp_
         logs.append(log_w[n:].detach())
     torch.testing.assert_close(logs[1], logs[0], atol=1e-3, rtol=0)
     assert (logs[2] - logs[0]).abs().mean() > 1.0
+
+
+def test_stage_bench_readings_are_those_of_its_samples(aldp_system, aldp_frames, tiny_nsf_kwargs):
+    """bench/energy_stages.py's readings (what moves on a protein while ESS/n sits at 1/n) against mdtraj and the
+    energies of the same samples drawn again: ΔD of heavy backbone distances, energy quantiles, the log-weight
+    spread and the raw φ > 0 fraction."""
+    import itertools
+
+    import mdtraj as md
+    import numpy as np
+
+    from bench.energy_stages import distortion_meter, ess
+    from bg.analysis import BACKBONE_HEAVY, phi_psi
+
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**tiny_nsf_kwargs)
+    model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
+    reference = torch.as_tensor(aldp_frames[100:])
+    readings = {k: [] for k in ("phi_positive", "energies", "log_w_sd", "distortion")}
+    e = ess(model, 200, seed=5, readings=readings, meter=distortion_meter(model, reference))
+
+    torch.manual_seed(5)
+    model.eval()
+    with torch.no_grad():
+        out = model.proposal.weigh(200, model.energy)
+    top = aldp_system.topology
+    heavy = [a.index for a in top.atoms if a.name in BACKBONE_HEAVY and a.element.symbol != "H"]
+    pairs = list(itertools.combinations(heavy, 2))
+    d_gen = md.compute_distances(md.Trajectory(out["x"].numpy(), top), pairs).astype(np.float64)
+    d_ref = md.compute_distances(md.Trajectory(reference.numpy(), top), pairs).astype(np.float64)
+    assert readings["distortion"][0] == pytest.approx(np.abs(d_gen.mean(0) - d_ref.mean(0)).mean(), abs=1e-4)
+
+    u = out["energy_kT"].double().numpy()
+    assert readings["energies"][0] == pytest.approx([np.quantile(u, 0.05), np.quantile(u, 0.5)], rel=1e-9)
+    log_w = out["log_w"].double().numpy()
+    iqr = np.subtract(*np.quantile(log_w, [0.75, 0.25]))
+    assert readings["log_w_sd"][0] == pytest.approx(iqr / 1.349, abs=0.01)
+    phi, _ = phi_psi(out["x"], top)
+    assert readings["phi_positive"][0] == pytest.approx(float((phi > 0).double().mean()), abs=1e-4)
+    w = np.exp(log_w - log_w.max())
+    assert e == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / len(w), rel=1e-6)
