@@ -34,6 +34,7 @@ import bg  # noqa: E402
 from bg.analysis import backbone_pairs, phi_psi  # noqa: E402
 from bg.metrics import DistanceDistortion, pairwise_distances  # noqa: E402
 from bg.sampling.ess import kish_ess  # noqa: E402
+from bench.log_weight_spread import robust  # noqa: E402
 from bench.md_reference import datamodule  # noqa: E402
 
 
@@ -85,9 +86,7 @@ def ess(model, n: int, seed: int, readings: dict[str, list] | None = None,
         readings["phi_positive"].append(round(float((phi > 0).double().mean()), 4))
         u = out["energy_kT"].double().nan_to_num(math.inf)
         readings["energies"].append([float(torch.quantile(u, 0.05)), float(torch.quantile(u, 0.5))])
-        log_w = out["log_w"].double()
-        q25, q75 = torch.quantile(log_w[torch.isfinite(log_w)], torch.tensor([0.25, 0.75], dtype=torch.float64))
-        readings["log_w_sd"].append(round(float(q75 - q25) / 1.349, 2))
+        readings["log_w_sd"].append(round(robust(out["log_w"])[1], 2))
         if meter is not None:
             meter.reset()
             meter.update(pairwise_distances(out["x"].double(), meter.pairs))
