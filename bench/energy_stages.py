@@ -22,6 +22,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,26 +57,31 @@ def data_and_model(config: Path, init: Path | None, model_options: dict | None =
     return cfg, dm, model
 
 
-def distortion_meter(model, frames: torch.Tensor) -> DistanceDistortion | None:
-    """ΔD against the mean heavy-backbone distances of MD ``frames`` ``(B, N, 3)`` (nm); ``None`` for a molecule
-    with too few backbone atoms."""
+def distortion_reader(model, frames: torch.Tensor) -> Callable[[torch.Tensor], float] | None:
+    """ΔD (nm) of generated frames ``(B, N, 3)`` against the mean heavy-backbone distances of MD ``frames``;
+    ``None`` for a molecule with too few backbone atoms."""
     try:
         pairs = backbone_pairs(model.system.topology)
     except ValueError:
         return None
-    meter = DistanceDistortion(pairwise_distances(frames.double(), pairs).mean(0))
-    meter.pairs = pairs
-    return meter
+    reference_mean = pairwise_distances(frames.double(), pairs).mean(0)
+
+    def read(x: torch.Tensor) -> float:
+        meter = DistanceDistortion(reference_mean)
+        meter.update(pairwise_distances(x.double(), pairs))
+        return float(meter.compute())
+
+    return read
 
 
 @torch.no_grad()
 def ess(model, n: int, seed: int, readings: dict[str, list] | None = None,
-        meter: DistanceDistortion | None = None) -> float:
+        distortion: Callable[[torch.Tensor], float] | None = None) -> float:
     """ESS/n of ``n`` flow samples (torch force field). Given ``readings``, appends to its lists what moves while
     ESS/n sits at 1/n on a protein: ``phi_positive``, the raw φ > 0 fraction; ``energies``, the 5 % and 50 %
     energy quantiles (kT); ``log_w_sd``, the spread of the finite log weights as a robust standard
     deviation (interquartile range / 1.349, nats: a few clashing samples at 1e9 kT would swamp a plain one;
-    lognormal weights have ESS/n = exp(−sd²)); and with ``meter``, ``distortion``, the raw ΔD (nm; whether a stage keeps
+    lognormal weights have ESS/n = exp(−sd²)); and with ``distortion`` (:func:`distortion_reader`), ``distortion``, the raw ΔD (nm; whether a stage keeps
     the fold)."""
     torch.manual_seed(seed)
     model.eval()
@@ -87,10 +93,8 @@ def ess(model, n: int, seed: int, readings: dict[str, list] | None = None,
         u = out["energy_kT"].double().nan_to_num(math.inf)
         readings["energies"].append([float(torch.quantile(u, 0.05)), float(torch.quantile(u, 0.5))])
         readings["log_w_sd"].append(round(robust(out["log_w"])[1], 2))
-        if meter is not None:
-            meter.reset()
-            meter.update(pairwise_distances(out["x"].double(), meter.pairs))
-            readings["distortion"].append(round(float(meter.compute()), 4))
+        if distortion is not None:
+            readings["distortion"].append(round(distortion(out["x"]), 4))
     return float(kish_ess(out["log_w"]))  # already per sample
 
 
@@ -133,13 +137,13 @@ def run(args: argparse.Namespace) -> dict:
     batch = cfg["data"]["init_args"].get("batch_size", 256)
     x = dm.positions["train"]
     budget = args.minutes * 60.0
-    meter = distortion_meter(model, dm.positions["val"])
+    distortion = distortion_reader(model, dm.positions["val"])
     readings: dict[str, list] = {"phi_positive": [], "energies": [], "log_w_sd": [], "distortion": []}
-    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, readings, meter))]
+    curve = [(0.0, 0, model.energy_evaluations, ess(model, args.samples, args.seed, readings, distortion))]
 
     def shown() -> str:
         u = readings["energies"][-1]
-        dd = f" ΔD {readings['distortion'][-1]:.3f} nm" if meter is not None else ""
+        dd = f" ΔD {readings['distortion'][-1]:.3f} nm" if distortion is not None else ""
         return f"u 5 %/50 % {u[0]:.4g}/{u[1]:.4g} kT log w sd {readings['log_w_sd'][-1]:.4g}{dd}"
 
     print(f"[{args.label}] t=0 ESS/n {curve[0][3]:.4f} {shown()}", flush=True)
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         if trained >= next_eval or trained >= budget:
             next_eval += args.eval_every
             curve.append((round(trained, 1), step, model.energy_evaluations,
-                          ess(model, args.samples, args.seed + step, readings, meter)))
+                          ess(model, args.samples, args.seed + step, readings, distortion)))
             print(f"[{args.label}] t={trained:.0f}s step {step} energy evals {model.energy_evaluations} "
                   f"ESS/n {curve[-1][3]:.4f} raw φ>0 {readings['phi_positive'][-1]:.4f} {shown()}", flush=True)
     if args.save:

@@ -261,7 +261,7 @@ def test_stage_bench_readings_are_those_of_its_samples(aldp_system, aldp_frames,
     import mdtraj as md
     import numpy as np
 
-    from bench.energy_stages import distortion_meter, ess
+    from bench.energy_stages import distortion_reader, ess
     from bg.analysis import BACKBONE_HEAVY, phi_psi
 
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def test_stage_bench_readings_are_those_of_its_samples(aldp_system, aldp_frames,
     model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
     reference = torch.as_tensor(aldp_frames[100:])
     readings = {k: [] for k in ("phi_positive", "energies", "log_w_sd", "distortion")}
-    e = ess(model, 200, seed=5, readings=readings, meter=distortion_meter(model, reference))
+    e = ess(model, 200, seed=5, readings=readings, distortion=distortion_reader(model, reference))
 
     torch.manual_seed(5)
     model.eval()
