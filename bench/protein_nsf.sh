@@ -7,6 +7,9 @@
 #   bash bench/protein_nsf.sh protein_g   # → bench/results/protein_g_nsf/ (MD ~2.5 h)
 # Extra arguments go to `bg fit` (e.g. --model.init_args.split_channels=false for the baseline; then set OUT).
 # Wall times are appended to bench/runs/<name>/times.txt; logs sit beside them.
+# Resumable at every step: the MD continues from its last chunk; a training run that was interrupted (fit.log without
+# its "last checkpoint:" line) continues from its newest last.ckpt (`--ckpt_path last`, written at every epoch's end
+# and on SIGTERM); a finished one is not trained again (remove bench/runs/<name>/fit.log to retrain); judging reruns.
 set -euo pipefail
 PROTEIN=${1:?usage: bash bench/protein_nsf.sh villin|protein_g [bg fit options]}
 shift
@@ -29,9 +32,18 @@ $BG data --system "$PDB" --constraints hbonds --hydrogen-mass 4 --timestep-fs 4 
     --equilibration-steps 5000 2>&1 | tail -20 > "$RUN/data.log"
 stamp "MD (500 ps; 0 when already made)" $(( $(date +%s) - start ))
 
-start=$(date +%s)
-$BG fit --config $CONFIG --trainer.enable_progress_bar=false "$@" > "$RUN/fit.log" 2>&1
-stamp "training" $(( $(date +%s) - start ))
+if [[ -f $RUN/fit.log ]] && grep -q "last checkpoint: " "$RUN/fit.log"; then
+  echo "training: done before ($RUN/fit.log)" >> "$RUN/times.txt"
+else
+  RESUME=()
+  if [[ -f $RUN/fit.log ]]; then  # interrupted: continue it, keeping its log
+    RESUME=(--ckpt_path last)
+    echo "--- resumed $(date -u +%FT%TZ)" >> "$RUN/fit.log"
+  fi
+  start=$(date +%s)
+  $BG fit --config $CONFIG --trainer.enable_progress_bar=false "$@" "${RESUME[@]}" >> "$RUN/fit.log" 2>&1
+  stamp "training${RESUME:+ (resumed)}" $(( $(date +%s) - start ))
+fi
 CKPT=$(grep -o "last checkpoint: .*" "$RUN/fit.log" | tail -1 | cut -d' ' -f3)
 echo "checkpoint: $CKPT" >> "$RUN/times.txt"
 
