@@ -291,3 +291,52 @@ def test_stage_bench_readings_are_those_of_its_samples(aldp_system, aldp_frames,
     assert readings["phi_positive"][0] == pytest.approx(float((phi > 0).double().mean()), abs=1e-4)
     w = np.exp(log_w - log_w.max())
     assert e == pytest.approx(w.sum() ** 2 / (w ** 2).sum() / len(w), rel=1e-6)
+
+
+def test_weight_spread_terms_are_openmm_force_groups(aldp_system, aldp_frames, tiny_nsf_kwargs):
+    """bench/log_weight_spread.py --terms: each force-field term over the flow's samples and over the MD frames on
+    the model's coordinates, against OpenMM's Reference platform force by force (one force group each) on the same
+    samples drawn again, and its correlation with log w over the samples without clashes."""
+    import numpy as np
+
+    from bench.log_weight_spread import spread
+    from bg.systems.system import kT_kJ_per_mol
+    from tests.test_torch_energy import reference
+
+    torch.manual_seed(0)
+    model = SplitChannelNSF(**{**tiny_nsf_kwargs, "reduced": True})  # frozen coordinates: frames differ on the model
+    model.build(aldp_system, torch.as_tensor(aldp_frames[:100], dtype=torch.float32))
+    frames = torch.as_tensor(aldp_frames[100:160])
+    s = spread(model, frames, 300, seed=3, terms=True, clash_nats=50.0)
+
+    torch.manual_seed(3)
+    model.eval()
+    with torch.no_grad():
+        out = model.proposal.weigh(300, model.energy)
+        on_model = model.on_model_coordinates(frames.double())
+    assert (on_model - frames).abs().max() > 1e-3
+    omm = aldp_system.create_openmm_system()
+    kinds = {k: type(f).__name__ for k, f in enumerate(omm.getForces()) if type(f).__name__ != "CMMotionRemover"}
+    kT = kT_kJ_per_mol(aldp_system.temperature)
+    per_sample = reference(omm, out["x"].double().numpy())[0] / kT
+    per_frame = reference(omm, on_model.numpy())[0] / kT
+    log_w = out["log_w"].double().numpy()
+    kept = np.isfinite(log_w) & (log_w > np.median(log_w) - 50.0)
+    assert s["kept"] == int(kept.sum()) and 0 < s["kept"] < 300  # the untrained flow clashes in some samples
+
+    def robust(v):
+        q25, q50, q75 = np.quantile(v, [0.25, 0.5, 0.75])
+        return q50, (q75 - q25) / 1.349
+
+    names = list(s["terms"])
+    assert [name.split("[")[0] for name in names[:-1]] == list(kinds.values())
+    nonbonded = [k for k, kind in kinds.items() if kind in ("NonbondedForce", "CustomGBForce", "GBSAOBCForce")]
+    assert len(nonbonded) == 2
+    assert names[-1] == " + ".join(names[i] for i, k in enumerate(kinds) if k in nonbonded)
+    per_sample = np.concatenate([per_sample, per_sample[:, nonbonded].sum(1, keepdims=True)], 1)
+    per_frame = np.concatenate([per_frame, per_frame[:, nonbonded].sum(1, keepdims=True)], 1)
+    for (name, (sample_stats, frame_stats, corr)), k in zip(s["terms"].items(), [*kinds, per_sample.shape[1] - 1]):
+        scale = max(1.0, abs(np.median(per_sample[:, k])))
+        np.testing.assert_allclose(sample_stats, robust(per_sample[:, k]), rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+        np.testing.assert_allclose(frame_stats, robust(per_frame[:, k]), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert corr == pytest.approx(np.corrcoef(per_sample[kept, k], log_w[kept])[0, 1], abs=1e-4), name
