@@ -8,6 +8,7 @@ All take frames ``(B, N, 3)`` in nm as torch tensors and an mdtraj topology; ang
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import mdtraj as md
 import numpy as np
@@ -32,11 +33,28 @@ def backbone_atoms(topology: md.Topology) -> np.ndarray:
     return np.asarray(idx)
 
 
-def backbone_pairs(topology: md.Topology) -> Tensor:
-    """All atom pairs ``(P, 2)`` (i < j) of heavy backbone atoms: the backbone distance matrix."""
-    atoms = backbone_atoms(topology)
-    i, j = np.triu_indices(len(atoms), k=1)
-    return torch.as_tensor(np.stack([atoms[i], atoms[j]], 1), dtype=torch.long)
+#: Atoms whose distance matrix a loss matches: ``backbone`` the heavy backbone atoms (Kim et al.); ``polar`` those
+#: and every side-chain N, O and S (hydrogen-bond donors and acceptors, charged groups: where salt bridges and
+#: hydrogen bonds show); ``heavy`` every atom but hydrogen (side-chain packing too).
+DistanceAtoms = Literal["backbone", "polar", "heavy"]
+
+
+def distance_atoms(topology: md.Topology, atoms: DistanceAtoms = "backbone") -> np.ndarray:
+    """Indices of the ``atoms`` selection (see :data:`DistanceAtoms`) in topology order."""
+    if atoms == "backbone":
+        return backbone_atoms(topology)
+    backbone = set(backbone_atoms(topology).tolist())
+    elements = {"polar": {"N", "O", "S"}, "heavy": None}[atoms]
+    return np.asarray([a.index for a in topology.atoms if a.element.symbol != "H"
+                       and (a.index in backbone or elements is None or a.element.symbol in elements)])
+
+
+def backbone_pairs(topology: md.Topology, atoms: DistanceAtoms = "backbone") -> Tensor:
+    """All atom pairs ``(P, 2)`` (i < j) of the ``atoms`` selection, by default the heavy backbone atoms: the
+    backbone distance matrix."""
+    idx = distance_atoms(topology, atoms)
+    i, j = np.triu_indices(len(idx), k=1)
+    return torch.as_tensor(np.stack([idx[i], idx[j]], 1), dtype=torch.long)
 
 
 def phi_psi_atoms(topology: md.Topology) -> tuple[Tensor, Tensor]:

@@ -116,3 +116,39 @@ def test_smc_runs_in_cartesian_space_for_the_nsf(built):
                                                                   generator=torch.Generator().manual_seed(0))
     assert x.shape == res["x"].shape == (16, 22, 3) and torch.isfinite(res["energy_kT"]).all()
     assert 0 < res["acceptance"] <= 1 and len(res["ess_history"]) == 3
+
+
+@pytest.mark.parametrize("atoms, selection", [
+    ("backbone", "not element H and (name N CA C O OXT CH3)"),
+    ("polar", "not element H and (name N CA C O OXT CH3 or element N O S)"),
+    ("heavy", "not element H"),
+])
+def test_w2_atoms_select_distance_pairs(atoms, selection):
+    """The atoms whose distances ``w2`` matches, against mdtraj's selection language on a peptide with side-chain
+    N, O and S (Lys, Asp, Met): every pair i < j of the selection, once."""
+    from bg.analysis import backbone_pairs
+    from bg.systems import build_capped_peptide
+
+    top = build_capped_peptide("KDM", minimize=False).topology
+    expected = top.select(selection)
+    pairs = backbone_pairs(top, atoms).numpy()
+    assert len(pairs) == len(expected) * (len(expected) - 1) // 2
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    assert set(map(tuple, pairs.tolist())) == {(int(i), int(j)) for k, i in enumerate(expected) for j in expected[k + 1:]}
+    if atoms == "polar":  # the side chains' donors and acceptors are in, their carbons are not
+        names = {top.atom(int(i)).name for i in expected}
+        assert {"NZ", "OD1", "OD2", "SD"} <= names and not {"CB", "CE"} & names
+
+
+def test_w2_uses_the_selected_pairs(aldp_data_args, tiny_nsf_kwargs):
+    """``w2_atoms: heavy`` adds alanine's CB to the nine heavy backbone atoms of alanine dipeptide: 45 pairs."""
+    dm = MDDataModule(**aldp_data_args)
+    dm.setup()
+    counts = {}
+    for atoms in ("backbone", "heavy"):
+        model = SplitChannelNSF(**tiny_nsf_kwargs, w2_atoms=atoms)
+        model.build(dm.system, dm.positions["train"])
+        counts[atoms] = len(model.pairs)
+    assert counts == {"backbone": 36, "heavy": 45}
+    with pytest.raises(ValueError, match="w2_atoms"):
+        SplitChannelNSF(**tiny_nsf_kwargs, w2_atoms="sidechain")

@@ -5,10 +5,11 @@ Loss terms (weights come from the config or the ``LossStages`` callback):
 - ``nll``: −E_data log q(x), maximum likelihood on MD frames (Cartesian density, i.e. including
   the representation's log-det, which is constant in the parameters).
 - ``w2``: squared 2-Wasserstein distance between generated and data distributions of backbone
-  heavy-atom distances, estimated per atom pair in 1-D (sort both batches, mean squared difference
-  of order statistics; exact for 1-D marginals of equal-size batches) and averaged over pairs, in
-  nm². The joint distance-matrix W2 would need an assignment problem per batch; the per-pair
-  marginals are cheap, differentiable and were enough to keep the backbone geometry honest.
+  heavy-atom distances (``w2_atoms``: also side-chain N/O/S, or every heavy atom), estimated per atom
+  pair in 1-D (sort both batches, mean squared difference of order statistics; exact for 1-D marginals
+  of equal-size batches) and averaged over pairs, in nm². The joint distance-matrix W2 would need an
+  assignment problem per batch; the per-pair marginals are cheap, differentiable and were enough to keep
+  the backbone geometry honest.
 - ``kl``: reverse KL up to a constant, E_q[u(x) + log q(x)] (``BoltzmannGenerator.term_kl``).
 - ``kl_path``: the same reverse KL with the path gradient (``BoltzmannGenerator.term_kl_path``): lower
   variance near the target, the stable energy stage.
@@ -24,7 +25,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from bg.analysis import backbone_pairs
+from bg.analysis import DistanceAtoms, backbone_pairs
 from bg.coordinates import InternalCoordinates
 from bg.flows import CartesianDensity, neural_spline_flow
 from bg.flows.conditioners import AbsoluteEmbedding, GAUTokens, Precision
@@ -60,6 +61,10 @@ class SplitChannelNSF(BoltzmannGenerator):
             the first steps compile, ~20 s on CPU; needs a C++ compiler there). Like ``conditioner_precision`` a
             training-speed option: sampling and evaluation use the plain float32 flow on any machine.
         w2_batch_size: generated samples per ``w2`` evaluation (the data batch is matched to it).
+        w2_atoms: whose distances ``w2`` matches: ``backbone`` (heavy backbone atoms, the paper's), ``polar``
+            (those and side-chain N, O, S: hydrogen bonds and salt bridges) or ``heavy`` (all but hydrogen). ``w2``
+            is a mean over pairs, so a larger selection needs a proportionally larger weight for the same pull on
+            each pair.
         kl_batch_size: samples per ``kl`` evaluation.
         **kwargs: see ``BoltzmannGenerator`` (loss weights, lr, energy settings, sampling).
     """
@@ -74,7 +79,7 @@ class SplitChannelNSF(BoltzmannGenerator):
                  base_torsion: TorsionBase = "uniform", bound_margin: float = 0.25,
                  narrow_torsions: NarrowTorsions = "bounded", coupling_masks: CouplingMasks = "interleaved",
                  conditioner_precision: Precision = "float32", compile_splines: bool = False,
-                 w2_batch_size: int = 256,
+                 w2_batch_size: int = 256, w2_atoms: DistanceAtoms = "backbone",
                  kl_batch_size: int = 256, **kwargs):
         super().__init__(**kwargs)
 
@@ -85,7 +90,8 @@ class SplitChannelNSF(BoltzmannGenerator):
         kinds = rep.is_angle.long() + 2 * rep.is_torsion.long()
         # the flow's options are this module's own (declared once, in the signature above)
         options = {k: self.hparams[k] for k in list(inspect.signature(neural_spline_flow).parameters)[3:]}
-        self.register_buffer("pairs", backbone_pairs(system.topology).to(self.device), persistent=False)
+        self.register_buffer("pairs", backbone_pairs(system.topology, self.hparams.get("w2_atoms", "backbone"))
+                             .to(self.device), persistent=False)
         return CartesianDensity(rep, neural_spline_flow(kinds, rep.residue_index, rep.is_backbone, **options))
 
     def term_w2(self, x: Tensor) -> Tensor:
