@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg, dm, model = data_and_model(Path(args.config), Path(args.init) if args.init else None, options, data)
     if args.kl_batch_size:
         model.hparams.kl_batch_size = args.kl_batch_size
+    if args.w2_atoms:
+        model.use_w2_atoms(args.w2_atoms)
     speed_options(model, args.conditioner_precision, args.compile_splines)
     terms = parse_terms(args.terms)
     model.check_loss_weights(terms)
@@ -177,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
         model.on_save_checkpoint(ckpt)  # the molecule, class and format, as a Trainer would write them
         torch.save(ckpt, args.save)
     return {"label": args.label, "terms": terms, "data": data, "lr": args.lr, "kl_batch_size": model.hparams.kl_batch_size,
+            "w2_atoms": model.hparams.get("w2_atoms", "backbone"),
             "conditioner_precision": model.hparams.get("conditioner_precision", "float32"),
             "compile_splines": model.hparams.get("compile_splines", False), "init": args.init, "curve": curve,
             **{k: v or None for k, v in readings.items()},
@@ -228,6 +231,8 @@ def main() -> None:
                    help="the conditioners' hidden layers while training (default: the flow's own)")
     p.add_argument("--compile-splines", action="store_true", help="torch.compile the couplings' splines")
     p.add_argument("--kl-batch-size", type=int, default=None, help="flow samples per energy-term estimate")
+    p.add_argument("--w2-atoms", choices=("backbone", "polar", "heavy"), default=None,
+                   help="whose distances the w2 term matches (default: the flow's own; applies to --init too)")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between ESS evaluations")
     p.add_argument("--samples", type=int, default=5000)

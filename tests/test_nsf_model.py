@@ -150,5 +150,7 @@ def test_w2_uses_the_selected_pairs(aldp_data_args, tiny_nsf_kwargs):
         model.build(dm.system, dm.positions["train"])
         counts[atoms] = len(model.pairs)
     assert counts == {"backbone": 36, "heavy": 45}
+    model.use_w2_atoms("backbone")  # a built model switched, as bench/energy_stages.py --w2-atoms does
+    assert len(model.pairs) == 36 and model.hparams.w2_atoms == "backbone"
     with pytest.raises(ValueError, match="w2_atoms"):
         SplitChannelNSF(**tiny_nsf_kwargs, w2_atoms="sidechain")

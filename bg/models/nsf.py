@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from bg.analysis import DistanceAtoms, backbone_pairs
+from bg.choices import check_choices
 from bg.coordinates import InternalCoordinates
 from bg.flows import CartesianDensity, neural_spline_flow
 from bg.flows.conditioners import AbsoluteEmbedding, GAUTokens, Precision
@@ -93,6 +94,13 @@ class SplitChannelNSF(BoltzmannGenerator):
         self.register_buffer("pairs", backbone_pairs(system.topology, self.hparams.get("w2_atoms", "backbone"))
                              .to(self.device), persistent=False)
         return CartesianDensity(rep, neural_spline_flow(kinds, rep.residue_index, rep.is_backbone, **options))
+
+    def use_w2_atoms(self, atoms: DistanceAtoms) -> None:
+        """Match the distances of ``atoms`` in ``w2`` from now on (a built model, e.g. one continued from a
+        checkpoint trained with another selection); saved with the model."""
+        check_choices(type(self).__init__, {"w2_atoms": atoms}, "model.")
+        self.hparams.w2_atoms = atoms
+        self.pairs = backbone_pairs(self.system.topology, atoms).to(self.pairs.device)
 
     def term_w2(self, x: Tensor) -> Tensor:
         n = min(self.hparams.w2_batch_size, len(x))
