@@ -70,7 +70,7 @@ def spread(model, frames: torch.Tensor, n: int, seed: int, terms: bool = False,
             if len(nonbonded) > 1:
                 per[" + ".join(nonbonded)] = sum(per[k] for k in nonbonded)
         log_w = out["log_w"].double()
-        kept = torch.isfinite(log_w) & (log_w > robust(log_w)[0] - clash_nats)
+        kept = torch.isfinite(log_w) & (log_w > result["log_w"][0] - clash_nats)
         result["terms"] = {}
         for name, v in per_sample.items():
             v = v.double() / energy.kT

@@ -49,12 +49,16 @@ def distance_atoms(topology: md.Topology, atoms: DistanceAtoms = "backbone") -> 
                        and (a.index in backbone or elements is None or a.element.symbol in elements)])
 
 
-def backbone_pairs(topology: md.Topology, atoms: DistanceAtoms = "backbone") -> Tensor:
-    """All atom pairs ``(P, 2)`` (i < j) of the ``atoms`` selection, by default the heavy backbone atoms: the
-    backbone distance matrix."""
+def distance_pairs(topology: md.Topology, atoms: DistanceAtoms = "backbone") -> Tensor:
+    """All atom pairs ``(P, 2)`` (i < j) of the ``atoms`` selection (see :data:`DistanceAtoms`)."""
     idx = distance_atoms(topology, atoms)
     i, j = np.triu_indices(len(idx), k=1)
     return torch.as_tensor(np.stack([idx[i], idx[j]], 1), dtype=torch.long)
+
+
+def backbone_pairs(topology: md.Topology) -> Tensor:
+    """All atom pairs ``(P, 2)`` (i < j) of heavy backbone atoms: the backbone distance matrix."""
+    return distance_pairs(topology, "backbone")
 
 
 def phi_psi_atoms(topology: md.Topology) -> tuple[Tensor, Tensor]:

@@ -126,12 +126,12 @@ def test_smc_runs_in_cartesian_space_for_the_nsf(built):
 def test_w2_atoms_select_distance_pairs(atoms, selection):
     """The atoms whose distances ``w2`` matches, against mdtraj's selection language on a peptide with side-chain
     N, O and S (Lys, Asp, Met): every pair i < j of the selection, once."""
-    from bg.analysis import backbone_pairs
+    from bg.analysis import distance_pairs
     from bg.systems import build_capped_peptide
 
     top = build_capped_peptide("KDM", minimize=False).topology
     expected = top.select(selection)
-    pairs = backbone_pairs(top, atoms).numpy()
+    pairs = distance_pairs(top, atoms).numpy()
     assert len(pairs) == len(expected) * (len(expected) - 1) // 2
     assert (pairs[:, 0] < pairs[:, 1]).all()
     assert set(map(tuple, pairs.tolist())) == {(int(i), int(j)) for k, i in enumerate(expected) for j in expected[k + 1:]}

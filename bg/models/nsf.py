@@ -25,7 +25,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from bg.analysis import DistanceAtoms, backbone_pairs
+from bg.analysis import DistanceAtoms, distance_pairs
 from bg.choices import check_choices
 from bg.coordinates import InternalCoordinates
 from bg.flows import CartesianDensity, neural_spline_flow
@@ -91,8 +91,7 @@ class SplitChannelNSF(BoltzmannGenerator):
         kinds = rep.is_angle.long() + 2 * rep.is_torsion.long()
         # the flow's options are this module's own (declared once, in the signature above)
         options = {k: self.hparams[k] for k in list(inspect.signature(neural_spline_flow).parameters)[3:]}
-        self.register_buffer("pairs", backbone_pairs(system.topology, self.hparams.get("w2_atoms", "backbone"))
-                             .to(self.device), persistent=False)
+        self.register_buffer("pairs", self._w2_pairs(system), persistent=False)
         return CartesianDensity(rep, neural_spline_flow(kinds, rep.residue_index, rep.is_backbone, **options))
 
     def use_w2_atoms(self, atoms: DistanceAtoms) -> None:
@@ -100,7 +99,11 @@ class SplitChannelNSF(BoltzmannGenerator):
         checkpoint trained with another selection); saved with the model."""
         check_choices(type(self).__init__, {"w2_atoms": atoms}, "model.")
         self.hparams.w2_atoms = atoms
-        self.pairs = backbone_pairs(self.system.topology, atoms).to(self.pairs.device)
+        self.pairs = self._w2_pairs(self.system)
+
+    def _w2_pairs(self, system: MolecularSystem) -> Tensor:
+        """The atom pairs ``(P, 2)`` whose distances ``w2`` matches (``w2_atoms``; checkpoints before it: backbone)."""
+        return distance_pairs(system.topology, self.hparams.get("w2_atoms", "backbone")).to(self.device)
 
     def term_w2(self, x: Tensor) -> Tensor:
         n = min(self.hparams.w2_batch_size, len(x))
