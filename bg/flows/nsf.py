@@ -135,6 +135,41 @@ class InternalFlow(Flow):
         z, ld = self.transform.inverse(u)
         return self._recentre(z, sign=1), self.base.log_prob(u) - ld
 
+    # The latent space (samplers move there, ``bg.sampling.proposal``): standardised base points e, u = loc + s·e with
+    # s the base's spread per coordinate (a bond's σ is ~1e-3 of a torsion's, so unscaled base units would leave one
+    # Langevin step size for all of them), y = transform⁻¹(u). Particles may leave the base's support as they move:
+    # circular coordinates are read modulo 2π (both densities are periodic in them, so a chain on the real line
+    # marginalises to the right one on the circle), and a bounded coordinate outside its interval has base density 0
+    # (log −inf: a Metropolis move there is rejected).
+    def _latent_scale(self) -> Tensor:
+        """s ``(D,)``: the truncated normal's σ, a uniform interval's width / √12, 1/√κ of a von Mises (at most
+        1), 1 for a uniform torsion."""
+        base = self.base
+        bounded = base.scale if base.bounded == "truncated_normal" else (base.high - base.low) / math.sqrt(12)
+        circular = base.scale.clamp(min=1.0).rsqrt() if base.torsion == "von_mises" else torch.ones_like(base.scale)
+        return torch.where(base.circular, circular, bounded)
+
+    def _from_standard(self, e: Tensor) -> Tensor:
+        u = self.base.loc.to(e.dtype) + self._latent_scale().to(e.dtype) * e
+        return torch.where(self.base.circular, wrap_angle(u), u)
+
+    def sample_latent(self, n: int) -> Tensor:
+        """``n`` draws ``(n, D)`` of the standardised base density."""
+        return (self.base.sample(n, dtype=torch.float64) - self.base.loc) / self._latent_scale()
+
+    def latent_log_prob(self, e: Tensor) -> Tensor:
+        """log density ``(B,)`` of the standardised base at latent points ``e`` ``(B, D)`` (−inf outside a bounded
+        coordinate's interval)."""
+        u = self._from_standard(e)
+        outside = ~self.base.circular & ((u < self.base.low.to(u.dtype)) | (u > self.base.high.to(u.dtype)))
+        log_p = self.base.log_prob(u) + self._latent_scale().log().sum().to(u.dtype)
+        return log_p.masked_fill(outside.any(-1), -math.inf)
+
+    def from_latent(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent ``e`` ``(B, D)`` → internal coordinates ``(B, D)`` and log|det ∂z/∂e| ``(B,)``, differentiable."""
+        z, ld = self.transform.inverse(self._from_standard(e).to(self.dtype))
+        return self._recentre(z, sign=1), ld + self._latent_scale().log().sum().to(ld.dtype)
+
 
 def neural_spline_flow(
     kinds: Tensor,

@@ -113,7 +113,7 @@ class Proposal:
         """This generator with its flow's latent variables as the particle space (see module docstring)."""
         if not getattr(self.density, "has_latent", False):
             raise ValueError(f"{self.name} does not expose its flow's latent space; SMC in latent space needs a flow "
-                             "with from_latent (the TarFlow); use space: data")
+                             "with from_latent (the TarFlow, the NSFs); use space: data")
         return LatentProposal(self.density, self.batch_size, self.checks, self.differentiable, self.name)
 
 
