@@ -4,7 +4,7 @@
 # with 20,000 samples judged by OpenMM against the whole MD: ESS/n with a bootstrap interval, energies (also
 # of the MD frames on the model's coordinates), ΔD, contact maps, RMSD/Q/Rg to the native structure.
 #   bash bench/protein_nsf.sh villin      # → bench/results/villin_hp35/   (MD ~1 h, training ~1 h, judging ~20 min)
-#   bash bench/protein_nsf.sh protein_g   # → bench/results/protein_g_nsf/ (MD ~2.5 h)
+#   bash bench/protein_nsf.sh protein_g   # → bench/results/protein_g_nsf/ (MD ~2 h)
 # Extra arguments go to `bg fit` (e.g. --model.init_args.split_channels=false for the baseline; then set OUT).
 # Wall times are appended to bench/runs/<name>/times.txt; logs sit beside them.
 # Resumable at every step: the MD continues from its last chunk; a training run that was interrupted (fit.log without
