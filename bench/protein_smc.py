@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bg  # noqa: E402
 from bg.energy import target_energy  # noqa: E402
+from bg.report import weighted_quantiles  # noqa: E402
 from bg.sampling import SMCSampler, kish_ess  # noqa: E402
 from bg.sampling.kernels import MALA, Particles  # noqa: E402
 from bg.sampling.proposal import batched  # noqa: E402
@@ -38,14 +39,12 @@ from bg.sampling.smc import evaluator  # noqa: E402
 
 
 def quantiles(u: torch.Tensor, w: torch.Tensor | None = None) -> str:
-    """5 / 50 / 95 % of ``u`` (kT), weighted by normalised ``w`` when given."""
+    """5 / 50 / 95 % of ``u`` (kT), weighted by normalised ``w`` when given (``bg.report.weighted_quantiles``)."""
     if w is None:
-        q = torch.quantile(u, torch.tensor([0.05, 0.5, 0.95], dtype=u.dtype))
+        q = torch.quantile(u, torch.tensor([0.05, 0.5, 0.95], dtype=u.dtype)).tolist()
     else:
-        order = torch.argsort(u)
-        cdf = torch.cumsum(w[order], 0)
-        q = torch.stack([u[order][torch.searchsorted(cdf, p).clamp(max=len(u) - 1)] for p in (0.05, 0.5, 0.95)])
-    return " / ".join(f"{v:,.0f}" for v in q.tolist())
+        q = weighted_quantiles(u.numpy(), (0.05, 0.5, 0.95), torch.log(w).numpy())
+    return " / ".join(f"{v:,.0f}" for v in q)
 
 
 def probe(model, n: int, bound: float, batch_size: int, seed: int) -> None:

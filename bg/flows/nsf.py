@@ -149,9 +149,11 @@ class InternalFlow(Flow):
         circular = base.scale.clamp(min=1.0).rsqrt() if base.torsion == "von_mises" else torch.ones_like(base.scale)
         return torch.where(base.circular, circular, bounded)
 
-    def _from_standard(self, e: Tensor) -> Tensor:
-        u = self.base.loc.to(e.dtype) + self._latent_scale().to(e.dtype) * e
-        return torch.where(self.base.circular, wrap_angle(u), u)
+    def _from_standard(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Base points u = loc + s·e ``(B, D)`` (circular ones wrapped) and log|det ∂u/∂e| = Σ log s."""
+        s = self._latent_scale().to(e.dtype)
+        u = self.base.loc.to(e.dtype) + s * e
+        return torch.where(self.base.circular, wrap_angle(u), u), s.log().sum()
 
     def sample_latent(self, n: int) -> Tensor:
         """``n`` draws ``(n, D)`` of the standardised base density."""
@@ -160,15 +162,15 @@ class InternalFlow(Flow):
     def latent_log_prob(self, e: Tensor) -> Tensor:
         """log density ``(B,)`` of the standardised base at latent points ``e`` ``(B, D)`` (−inf outside a bounded
         coordinate's interval)."""
-        u = self._from_standard(e)
+        u, log_scale = self._from_standard(e)
         outside = ~self.base.circular & ((u < self.base.low.to(u.dtype)) | (u > self.base.high.to(u.dtype)))
-        log_p = self.base.log_prob(u) + self._latent_scale().log().sum().to(u.dtype)
-        return log_p.masked_fill(outside.any(-1), -math.inf)
+        return (self.base.log_prob(u) + log_scale).masked_fill(outside.any(-1), -math.inf)
 
     def from_latent(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """Latent ``e`` ``(B, D)`` → internal coordinates ``(B, D)`` and log|det ∂z/∂e| ``(B,)``, differentiable."""
-        z, ld = self.transform.inverse(self._from_standard(e).to(self.dtype))
-        return self._recentre(z, sign=1), ld + self._latent_scale().log().sum().to(ld.dtype)
+        u, log_scale = self._from_standard(e)
+        z, ld = self.transform.inverse(u.to(self.dtype))
+        return self._recentre(z, sign=1), ld + log_scale.to(ld.dtype)
 
 
 def neural_spline_flow(

@@ -87,8 +87,9 @@ class SMCSampler(Sampler):
         space: where the particles move: ``data`` (the generator's own particle space, Cartesian nm) or
             ``latent`` (its flow's latent variables, TarFlow and NSF: the flow preconditions the moves, so
             ``step_size`` is in latent units², 1e-3–1e-2 for the alanine-dipeptide TarFlow instead of ~2e-6 nm²;
-            the NSF's latent units are its base's spreads per coordinate; ``bg.sampling.proposal``) or ``both`` (data-space particles; each Langevin step is a latent move of
-            ``latent_step_size`` then a data-space move of ``step_size``; body-frame TarFlow only).
+            the NSF's latent units are its base's spreads per coordinate; ``bg.sampling.proposal``) or ``both``
+            (data-space particles; each Langevin step is a latent move of ``latent_step_size`` then a data-space
+            move of ``step_size``; body-frame TarFlow only).
         latent_step_size: h of the latent moves with ``space: both`` (latent units²; required there).
     """
 
