@@ -83,6 +83,9 @@ def describe(model) -> str:
     options = ", ".join(f"{k} {hp[k]}" for k in DESCRIBED if k in hp)
     if hp.get("solver") in ("euler", "midpoint", "rk4"):
         options += f" ({hp.steps} steps)"
+    if getattr(model, "defensive", 0.0):
+        options += (f"; proposal: the untrained start alone" if model.defensive == 1.0 else
+                    f"; proposal: {1 - model.defensive:g} flow + {model.defensive:g} its untrained start")
     return f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters; {options})"
 
 
@@ -99,11 +102,20 @@ def main() -> None:
     ap.add_argument("--max-reference", type=int, default=2000)
     ap.add_argument("--logq-check", type=int, default=0, help="samples per peptide whose log q is re-solved by dopri5")
     ap.add_argument("--repeats", type=int, default=1, help="independent draws per peptide (ESS: mean, min–max)")
+    ap.add_argument("--defensive", type=float, default=None,
+                    help="share of samples from the flow's untrained start (TransferableNSF: 0 the flow alone, 1 the "
+                         "start alone); default: the checkpoint's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = bg.load_generator(args.checkpoint)
+    if args.defensive is not None:
+        if not hasattr(model, "defensive"):
+            raise SystemExit(f"--defensive: {type(model).__name__} has no untrained start to mix in")
+        if not 0.0 <= args.defensive <= 1.0:
+            raise SystemExit(f"--defensive must be in [0, 1], got {args.defensive}")
+        model.defensive = args.defensive
     dm = PeptideSetDataModule(args.peptide_set, cache_dir=args.cache_dir, stride=args.stride)
     dm.setup("fit")
     if args.sequences:
@@ -120,7 +132,8 @@ def main() -> None:
     hp = model.hparams
     cmd = (f"python bench/transfer_judge.py --checkpoint {args.checkpoint} --peptide-set {args.peptide_set} "
            f"--splits {args.splits} --samples {args.samples} --repeats {args.repeats} --energy {args.energy} "
-           f"--logq-check {args.logq_check}"
+           f"--logq-check {args.logq_check} --seed {args.seed}"
+           + (f" --defensive {args.defensive:g}" if args.defensive is not None else "")
            + (f" --sequences {args.sequences}" if args.sequences else ""))
     trained = model.peptides.get("train", [])
     lines = [f"Machine: {platform.node()} (2 CPU cores, no GPU), torch {torch.__version__}. Command: `{cmd}`", "",

@@ -30,12 +30,16 @@ class Flow(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the flow computes in (that of its parameters)."""
-        return next(self.parameters()).dtype
+        """The dtype the flow computes in: that of its parameters (float64 for a flow without weights)."""
+        parameter = next(self.parameters(), None)
+        return torch.float64 if parameter is None else parameter.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        tensor = next(self.parameters(), None)
+        if tensor is None:
+            tensor = next(self.buffers(), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
     def fit(self, y: Tensor) -> "Flow":
         """Set data-dependent buffers from training data ``y`` in the flow's space (default: none)."""

@@ -357,6 +357,17 @@ class TransferableSplineFlow(nn.Module):
         parameter = next(self.parameters())
         return flow.to(device=parameter.device)
 
+    @staticmethod
+    def start(flow: InternalFlow) -> InternalFlow:
+        """Where a flow made by :meth:`bind` starts: the same base, whitening and torsion prior without the
+        couplings — what an untrained (zero-initialised) flow is, from the molecule's force field alone. Shares
+        ``flow``'s buffers; has no weights."""
+        layers = list(flow.transform.layers) if isinstance(flow.transform, Stack) else [flow.transform]
+        start = InternalFlow(Stack(*(m for m in layers if not isinstance(m, SplitChannelFlow))), flow.base, flow.kinds)
+        start.recentred.copy_(flow.recentred)
+        start.centre.copy_(flow.centre)
+        return start.to(device=flow.kinds.device)
+
 
 __all__ = ["HarmonicWhitening", "Stack", "AtomTokenConditioner", "AtomTokenLayout", "BoundConditioner", "CHEMISTRY_ELEMENTS",
            "CHEMISTRY_VOCAB", "DROPPABLE", "FIELD_VOCAB", "TorsionPrior", "TransferableSplineFlow", "atom_token_layout"]

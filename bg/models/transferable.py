@@ -36,6 +36,8 @@ class Binding:
     target: LazyTargetEnergy
     checks: FrameChecks | None = None
     groups: list[Tensor] = field(default_factory=list)
+    #: the family's untrained start for this molecule (a density with no weights), where it has one
+    start: CartesianDensity | None = None
 
 
 class TransferableGenerator:

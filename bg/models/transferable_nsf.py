@@ -29,9 +29,11 @@ from bg.coordinates.harmonic import harmonic_geometry, rotatable_torsions
 from bg.energy import target_energy
 from bg.flows import CartesianDensity
 from bg.flows.coupling import CouplingMasks
+from bg.flows.mixture import MixtureDensity
 from bg.flows.transferable_nsf import Harmonic, TorsionPrior, TransferableSplineFlow, atom_token_layout
 from bg.models.base import BoltzmannGenerator
 from bg.models.transferable import Binding, TransferableGenerator
+from bg.sampling import Proposal
 from bg.systems import MolecularSystem, molecule_system
 from bg.systems.peptide import minimize_positions
 
@@ -53,6 +55,12 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
             training (``AtomTokenConditioner``); the defaults are what checkpoints saved before they existed hold.
         minimize_tolerance: kJ/mol/nm; each bound molecule's template is minimised to this before its Hessian.
         kl_batch_size: flow samples per energy-term evaluation.
+        defensive: the share a₀ of proposal samples drawn from the flow's untrained start (harmonic geometry and
+            torsion scans of the bound molecule, ``TransferableSplineFlow.start``) instead of the flow: samplers and
+            evaluations then draw from the mixture (1 − a₀) q + a₀ q₀ (``bg.flows.MixtureDensity``), which bounds
+            every importance weight by what it would be under the start alone, over a₀. Training is unchanged (the
+            loss terms use the flow itself), so it can be set on any checkpoint; 0 (default): the flow alone; 1: the
+            start alone (a baseline that needs no training).
         **kwargs: see ``BoltzmannGenerator``.
     """
 
@@ -62,8 +70,13 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
                  width: int = 64, depth: int = 2, attention_dim: int = 32, coupling_masks: CouplingMasks = "interleaved",
                  interval_width: float = 8.0, harmonic: Harmonic = "correlated", torsion_prior: TorsionPrior = "uniform",
                  scan_temperature: float = 2.0, scan_floor: float = 0.2, chemistry_tokens: bool = False,
-                 token_dropout: float = 0.0, minimize_tolerance: float = 1.0, kl_batch_size: int = 256, **kwargs: Any):
+                 token_dropout: float = 0.0, minimize_tolerance: float = 1.0, kl_batch_size: int = 256,
+                 defensive: float = 0.0, **kwargs: Any):
+        if not 0.0 <= defensive <= 1.0:
+            raise ValueError(f"model.defensive is the share of samples drawn from the flow's start: in [0, 1], got "
+                             f"{defensive}")
         super().__init__(**kwargs)
+        self.defensive = defensive
         self.shared = TransferableSplineFlow(split_channels, backbone_layers, sidechain_layers, bins, width, depth,
                                              attention_dim, coupling_masks, interval_width, harmonic, torsion_prior,
                                              scan_temperature, scan_floor, chemistry_tokens, token_dropout)
@@ -78,8 +91,22 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
         scans = 360 if self.hparams.torsion_prior == "scan" else 0  # 0.1–0.5 s per peptide, only where used
         geometry = harmonic_geometry(representation, energy, template, scan_points=scans)
         flow = self.shared.bind(representation, geometry)
-        density = CartesianDensity(representation.to(flow.kinds.device), flow)
-        return Binding(system=system, density=density, target=self.new_target(system))
+        representation = representation.to(flow.kinds.device)
+        density = CartesianDensity(representation, flow)
+        start = CartesianDensity(representation, self.shared.start(flow))
+        return Binding(system=system, density=density, target=self.new_target(system), start=start)
+
+    @property
+    def proposal(self) -> Proposal:
+        """The bound flow as samplers see it; with ``defensive`` > 0 the mixture of the flow and its start."""
+        if not self.defensive:
+            return super().proposal
+        if self.defensive == 1.0:
+            return Proposal(self._bound.start, self.sample_batch_size, differentiable=True,
+                            name=f"the start of {type(self).__name__}")
+        mixture = MixtureDensity([self.density, self._bound.start], [1.0 - self.defensive, self.defensive])
+        return Proposal(mixture, self.sample_batch_size, differentiable=True,
+                        name=f"{type(self).__name__} + {self.defensive:g} of its start")
 
     def _know_training_tokens(self) -> None:
         """Tell the conditioners which token values the training peptides hold (``set_known``: never-seen residue
