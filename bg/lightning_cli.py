@@ -80,7 +80,7 @@ class RunConfigSaver(SaveConfigCallback):
 #: replaces the model's config by the hyperparameters stored in the checkpoint, which would silently
 #: undo e.g. ``bg predict ... --model.init_args.predict_samples=50000``; these keep the config's value.
 INFERENCE_OPTIONS = ("predict_samples", "sample_batch_size", "energy_backend", "energy_compile", "energy_workers",
-                     "com_correction")
+                     "com_correction", "defensive")
 
 
 class BGArgumentParser(LightningArgumentParser):
