@@ -50,6 +50,8 @@ def test_mixture_density_is_the_analytic_gaussian_mixture_and_draws_each_compone
         MixtureDensity([Gaussian(0.0, 1.0)], [0.5, 0.5])
     with pytest.raises(ValueError, match="positive"):
         MixtureDensity([Gaussian(0.0, 1.0), Gaussian(1.0, 1.0)], [1.0, 0.0])
+    with pytest.raises(ValueError, match="n > 0"):
+        mixture.sample(0)
 
 
 @pytest.fixture(scope="module")

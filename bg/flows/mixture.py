@@ -65,9 +65,11 @@ class MixtureDensity(nn.Module):
         ``return_component`` also the component each came from, ``(n,)`` long), in random order."""
         if context is not None:
             raise ValueError("MixtureDensity takes no context")
-        bs = batch_size or max(n, 1)
+        if n <= 0:
+            raise ValueError(f"MixtureDensity.sample needs n > 0, got {n}")
+        bs = batch_size or n
         counts = torch.bincount(torch.multinomial(self.weights.float(), n, replacement=True),
-                                minlength=len(self.components)) if n else torch.zeros(len(self.components), dtype=torch.long)
+                                minlength=len(self.components))
         xs, log_qs, which = [], [], []
         for k, (component, count) in enumerate(zip(self.components, counts.tolist())):
             if count == 0:
@@ -82,8 +84,6 @@ class MixtureDensity(nn.Module):
             xs.append(x.double())
             log_qs.append(torch.cat(parts))
             which.append(torch.full((count,), k, dtype=torch.long))
-        if not xs:
-            raise ValueError("MixtureDensity.sample needs n > 0")
         order = torch.randperm(n)
         x, log_q, component = torch.cat(xs)[order], torch.cat(log_qs)[order], torch.cat(which)[order]
         return (x, log_q, component) if return_component else (x, log_q)
