@@ -187,9 +187,10 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     assert stored["bg_system"] is None and stored["bg_peptides"]["train"] == ["G", "A"]
     assert all(k.startswith("shared.") for k in stored["state_dict"])  # the shared weights only
 
-    # a defensive proposal: half of the samples from the flow's untrained start, log q that of the mixture
+    # a defensive proposal: a quarter of the samples from the flow's untrained start, log q that of the mixture; the
+    # command line's share wins over the one the checkpoint saved (the config's 0.5)
     out = run(["predict", "--config", str(CONFIG), "--config", str(small), "--ckpt_path", str(ckpt),
-               "--data.sequence", "S", "--model.init_args.defensive", "0.5"], tmp_path)
+               "--data.sequence", "S", "--model.init_args.defensive", "0.25"], tmp_path)
     folder = predicted_folder(out)
     npz = np.load(folder / "samples.npz")
     assert len(npz["log_w"]) == 16 and np.isfinite(npz["log_q"]).all() and np.isfinite(npz["log_w"]).any()
@@ -198,12 +199,13 @@ def test_fit_on_two_peptides_then_sample_held_out_and_unseen_ones(fitted, tiny_p
     assert isinstance(model, TransferableNSF) and len(model.shared.conditioners[0].identity) == 12  # + chemistry
     dm = PeptideSetDataModule(str(spec), cache_dir=str(cache), batch_size=4)
     dm.setup("fit")
-    assert model.defensive == 0.0  # a sampling option, not a trained one: the checkpoint holds the flow alone
+    assert model.defensive == 0.5  # the config's share, saved with the weights
     model.bind(dm.system("S"))  # the set's own system of S, as bg predict binds it
     frames = torch.as_tensor(md.load(str(folder / "samples.dcd"), top=str(folder / "topology.pdb")).xyz).double()
     with torch.no_grad():
-        mixture = torch.logsumexp(torch.stack([model.log_prob(frames), model._bound.start.log_prob(frames)]), 0)
-    torch.testing.assert_close(mixture + math.log(0.5), torch.as_tensor(npz["log_q"]), rtol=1e-3, atol=1e-2)
+        mixture = torch.logsumexp(torch.stack([model.log_prob(frames) + math.log(0.75),
+                                               model._bound.start.log_prob(frames) + math.log(0.25)]), 0)
+    torch.testing.assert_close(mixture, torch.as_tensor(npz["log_q"]), rtol=1e-3, atol=1e-2)
     x = dm.positions["train"][0][:4].double()
     model.bind(dm.system("G"))
     before = model.log_prob(x)
