@@ -58,7 +58,11 @@ def judge_peptide(model, dm: PeptideSetDataModule, seq: str, frames: torch.Tenso
     values.update(ess=sum(ess) / repeats, ess_min=min(ess), ess_max=max(ess), repeats=repeats)
     values["basins_md"] = basin_populations(ref.phi[:, 0], ref.psi[:, 0]) if ref.phi.shape[1] == 1 else {}
     values["logq_error"] = logq_error(model, logq_check, seed + 1) if logq_check else float("nan")
-    values.update(sequence=seq, split=dm.split_of(dm.molecule_index(seq)), n_atoms=system.n_atoms,
+    split = dm.split_of(dm.molecule_index(seq))
+    trained = model.peptides.get("train", [])
+    if split == "train" and trained and seq not in trained:
+        split = "unseen"  # in the data set's train split, never in the model's (a reference-only set)
+    values.update(sequence=seq, split=split, n_atoms=system.n_atoms,
                   seconds=seconds, reference_frames=len(ref.x))
     return values
 
