@@ -117,9 +117,10 @@ def main() -> None:
     if args.defensive is not None:
         if not hasattr(model, "defensive"):
             raise SystemExit(f"--defensive: {type(model).__name__} has no untrained start to mix in")
-        if not 0.0 <= args.defensive <= 1.0:
-            raise SystemExit(f"--defensive must be in [0, 1], got {args.defensive}")
-        model.defensive = args.defensive
+        try:
+            model.defensive = args.defensive
+        except ValueError as error:
+            raise SystemExit(f"--defensive: {error}") from None
     dm = PeptideSetDataModule(args.peptide_set, cache_dir=args.cache_dir, stride=args.stride)
     dm.setup("fit")
     if args.sequences:

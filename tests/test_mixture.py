@@ -106,3 +106,5 @@ def test_defensive_proposal_mixes_the_flow_with_its_start_and_bounds_the_weights
     assert model.proposal.density is model.density
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         TransferableNSF(defensive=1.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        model.defensive = -0.1  # set on a loaded model (bench/transfer_judge.py --defensive) as in its config

@@ -72,9 +72,6 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
                  scan_temperature: float = 2.0, scan_floor: float = 0.2, chemistry_tokens: bool = False,
                  token_dropout: float = 0.0, minimize_tolerance: float = 1.0, kl_batch_size: int = 256,
                  defensive: float = 0.0, **kwargs: Any):
-        if not 0.0 <= defensive <= 1.0:
-            raise ValueError(f"model.defensive is the share of samples drawn from the flow's start: in [0, 1], got "
-                             f"{defensive}")
         super().__init__(**kwargs)
         self.defensive = defensive
         self.shared = TransferableSplineFlow(split_channels, backbone_layers, sidechain_layers, bins, width, depth,
@@ -95,6 +92,18 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
         density = CartesianDensity(representation, flow)
         start = CartesianDensity(representation, self.shared.start(flow))
         return Binding(system=system, density=density, target=self.new_target(system), start=start)
+
+    @property
+    def defensive(self) -> float:
+        """The share of proposal samples drawn from the flow's untrained start (see class docstring)."""
+        return self._defensive
+
+    @defensive.setter
+    def defensive(self, share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"model.defensive is the share of samples drawn from the flow's start: in [0, 1], got "
+                             f"{share}")
+        self._defensive = float(share)
 
     @property
     def proposal(self) -> Proposal:
