@@ -4,6 +4,7 @@
     python bench/smc_lineages.py --checkpoint <ckpt> --schedule adaptive --target-cess 0.95 --langevin-steps 5
     python bench/smc_lineages.py --checkpoint <ckpt> --space latent --step-size 0.01 --schedule adaptive
     python bench/smc_lineages.py --checkpoint <ckpt> --space both --latent-step-size 0.003 --step-size 2e-6
+    python bench/smc_lineages.py --checkpoint <ckpt> --schedule adaptive --step-size 2e-6 --torsion-moves 5
 
 The sampler's options are ``bg.sampling.SMCSampler``'s (MALA moves; ``--steps`` bounds the adaptive schedule).
 With ``--reference`` (``reference.pt`` of bench/aldp_reference.py) each run's weighted φ/ψ torsion W2 to the long
@@ -40,6 +41,14 @@ def exact_sampler_w2(angles: torch.Tensor, n: int, repeats: int = 20, seed: int 
     return torch.stack(out)
 
 
+def acceptance(out: dict) -> str:
+    """The run's acceptance rate, per kind of move when it made several (e.g. "data 0.62, torsion 0.08")."""
+    parts = {k.removeprefix("acceptance_"): v for k, v in out.items() if k.startswith("acceptance_") and v is not None}
+    if not parts:
+        return f"{out['acceptance']:.2f}" if out["acceptance"] is not None else "–"
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -53,6 +62,9 @@ def main() -> None:
                         help="particles in Cartesian nm or in the flow's latent space (step size in its units²); "
                              "both: a latent move of --latent-step-size, then a Cartesian one of --step-size")
     parser.add_argument("--latent-step-size", type=float, help="latent units² (--space both)")
+    parser.add_argument("--torsion-moves", type=int, default=0, help="Metropolis torsion turns after each MALA step")
+    parser.add_argument("--torsions", choices=["backbone", "rotatable"], default="backbone")
+    parser.add_argument("--torsion-max-angle", type=float, default=3.141592653589793, help="rad")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reference", help="reference.pt of bench/aldp_reference.py: torsion W2 against it")
     args = parser.parse_args()
@@ -71,7 +83,9 @@ def main() -> None:
     unit = {"data": "nm²", "latent": "latent units²"}.get(
         args.space, f"nm² after a latent move of {args.latent_step_size} latent units²")
     print(f"SMC in {args.space} space: {args.particles} particles, {args.schedule} schedule ({args.steps} points at "
-          f"most), {args.langevin_steps} MALA step(s) of h = {args.step_size:g} {unit} per point")
+          f"most), {args.langevin_steps} MALA step(s) of h = {args.step_size:g} {unit} per point"
+          + (f", each followed by {args.torsion_moves} turn(s) of a random {args.torsions} torsion by up to "
+             f"{args.torsion_max_angle:.2f} rad" if args.torsion_moves else ""))
     print("| seed | time | path points | resamplings | distinct ancestors | final ESS/n | acceptance | basins "
           + " / ".join(BASINS) + " | φ > 0 | torsion W2 to the reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -80,7 +94,9 @@ def main() -> None:
         t0 = time.time()
         sampler = SMCSampler(n_steps=args.steps, step_size=args.step_size, batch_size=1000,
                              langevin_steps=args.langevin_steps, schedule=args.schedule, target_cess=args.target_cess,
-                             space=args.space, latent_step_size=args.latent_step_size)
+                             space=args.space, latent_step_size=args.latent_step_size,
+                             torsion_moves=args.torsion_moves, torsions=args.torsions,
+                             torsion_max_angle=args.torsion_max_angle)
         out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
         b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
@@ -90,7 +106,7 @@ def main() -> None:
             w = torch.softmax(out["log_w"], 0)
             w2 = f"{float(circular_w2_1d(torch.cat([phi, psi], 1), ref['angles'], w).mean()):.3f}"
         print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['path'])} | {len(out['resampled_at'])} | {out['n_ancestors']} | "
-              f"{out['ess']:.3f} | {out['acceptance']:.2f} | "
+              f"{out['ess']:.3f} | {acceptance(out)} | "
               + " / ".join(f"{b[k]:.3f}" for k in BASINS) + f" | {phi_positive:.4f} | {w2} |", flush=True)
 
 

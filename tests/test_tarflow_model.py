@@ -90,6 +90,11 @@ def test_importance_and_smc_outputs_are_consistent(model):
     assert smc["x"].shape == (32, 22, 3) and smc["sampler"] == "smc" and len(smc["ess_history"]) == 4
     assert centre_of_mass(smc["x"]).abs().max() < 1e-12
     assert 0 <= smc["acceptance"] <= 1 and torch.isfinite(smc["energy_kT"]).all()
+    # torsion turns act on the same particles; the proposal carries the molecule's topology for them
+    turned = SMCSampler(n_steps=2, langevin_steps=1, step_size=1e-7, batch_size=16, torsion_moves=3)(
+        proposal, model.energy, 32, generator=torch.Generator().manual_seed(0))
+    assert 0 <= turned["acceptance_torsion"] <= 1 and 0 <= turned["acceptance_data"] <= 1
+    assert centre_of_mass(turned["x"]).abs().max() < 1e-12 and torch.isfinite(turned["energy_kT"]).all()
 
 
 def test_options_are_checked():

@@ -192,7 +192,7 @@ class BoltzmannGenerator(CheckpointHooks, L.LightningModule):
     def proposal(self) -> Proposal:
         """The generator as samplers see it (``bg.sampling.Proposal``)."""
         return Proposal(self.density, self.sample_batch_size, differentiable=self.density.reparameterized,
-                        name=type(self).__name__)
+                        name=type(self).__name__, topology=self.topology)
 
     def energy(self, x: Tensor) -> Tensor:
         """Reduced energy u(x) ``(B,)`` in kT (float64) of frames ``(B, N, 3)`` nm; differentiable."""

@@ -107,7 +107,7 @@ class EquivariantCNF(BoltzmannGenerator):
     @property
     def proposal(self) -> Proposal:
         return Proposal(self.density, self.sample_batch_size, checks=self.check_samples, differentiable=False,
-                        name=type(self).__name__)
+                        name=type(self).__name__, topology=self.topology)
 
     def log_prob(self, x: Tensor, divergence: str = "exact") -> Tensor:
         """log q ``(B,)`` of frames ``(B, N, 3)`` nm by solving back to the prior (3N backward passes per

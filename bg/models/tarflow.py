@@ -128,7 +128,7 @@ class TarFlowGenerator(BoltzmannGenerator):
     def proposal(self) -> Proposal:
         if self.framed:
             return super().proposal
-        return CoMProposal(self.density, self.sample_batch_size, name=type(self).__name__)
+        return CoMProposal(self.density, self.sample_batch_size, name=type(self).__name__, topology=self.topology)
 
     def augment(self, x: Tensor) -> Tensor:
         """Training frames ``(B, N, 3)`` nm → flow units: centred, randomly rotated, scaled, CoM noise."""

@@ -112,10 +112,10 @@ class TransferableNSF(TransferableGenerator, BoltzmannGenerator):
             return super().proposal
         if self.defensive == 1.0:
             return Proposal(self._bound.start, self.sample_batch_size, differentiable=True,
-                            name=f"the start of {type(self).__name__}")
+                            name=f"the start of {type(self).__name__}", topology=self.topology)
         mixture = MixtureDensity([self.density, self._bound.start], [1.0 - self.defensive, self.defensive])
         return Proposal(mixture, self.sample_batch_size, differentiable=True,
-                        name=f"{type(self).__name__} + {self.defensive:g} of its start")
+                        name=f"{type(self).__name__} + {self.defensive:g} of its start", topology=self.topology)
 
     def _know_training_tokens(self) -> None:
         """Tell the conditioners which token values the training peptides hold (``set_known``: never-seen residue

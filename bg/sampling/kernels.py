@@ -1,14 +1,17 @@
 """MCMC kernels that leave exp(−E_t) invariant, E_t = (1 − t)·E0 + t·E1, used by the SMC loop.
 
 A kernel moves a :class:`Particles` population one step. It never evaluates the energies itself:
-``evaluate(x) -> (E0, E1, ∇E0, ∇E1)`` is handed in by the loop (which chunks the particles), and the
-two gradients are kept apart so that one evaluation gives ∇E_t for any t.
+``evaluate(x) -> (E0, E1, ∇E0, ∇E1)`` (``evaluate(x, grad=False)``: energies only) is handed in by the loop
+(which chunks the particles), and the two gradients are kept apart so that one evaluation gives ∇E_t for any t.
 
 - :class:`ULA`: unadjusted Langevin, x' = x − h ∇E_t(x) + √(2h) ξ (biased at finite h).
 - :class:`MALA`: the same proposal with a Metropolis–Hastings correction (exact at every t).
 - :class:`LatentMove`: a kernel run in a flow's latent space z (x = f(z)) on particles that live in data space:
   exp(−E_t) pulled back through f is exp(−E_t(f(z)) + log|det ∂x/∂z|), so a move that keeps that invariant in z
   keeps exp(−E_t) invariant in x.
+- :class:`TorsionMove`: Metropolis moves that turn one side of a random rotatable bond by a random angle
+  (``bg.coordinates.torsions``): volume-preserving and symmetric, so only E_t decides; they cross torsional
+  barriers (conformational basins) that Langevin moves do not.
 - :class:`Alternating`: several kernels one after the other (e.g. latent moves for the slow, collective
   coordinates, then Cartesian moves for the bonds the flow has wrong); each leaves exp(−E_t) invariant, so does
   their composition.
@@ -23,7 +26,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-Evaluate = Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+from bg.coordinates.torsions import TorsionTurns
+
+#: ``evaluate(x, grad=True) -> (E0, E1, ∇E0, ∇E1)``; with ``grad=False`` the gradients are ``None`` (no backward pass)
+Evaluate = Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 
 
 @dataclass
@@ -118,6 +124,44 @@ class LatentMove:
         moved, accepted = self.kernel.step(Particles(z, *self.latent_evaluate(z)), t, self.latent_evaluate, generator)
         x = self.from_latent(moved.x).to(p.x.dtype)
         return Particles(x, *evaluate(x)), accepted
+
+
+class TorsionMove:
+    """``moves`` Metropolis moves per step, each turning one bond of ``turns`` (drawn uniformly per particle) by an
+    angle uniform in [−``max_angle``, ``max_angle``] rad, accepted with min(1, exp(−ΔE_t)) (module docstring).
+    Particles are Cartesian frames ``(n, N, 3)`` (nm; a centre of mass they carry moves with the atoms).
+    ``step`` returns the mean number accepted per move, so the loop's acceptance stays a rate."""
+
+    adjusted = True
+
+    def __init__(self, turns: TorsionTurns, moves: int = 1, max_angle: float = math.pi):
+        if moves < 1 or not 0 < max_angle <= math.pi:
+            raise ValueError(f"TorsionMove: moves ≥ 1 and 0 < max_angle ≤ π needed, got {moves}, {max_angle}")
+        self.turns, self.moves, self.max_angle = turns, moves, max_angle
+
+    def step(self, p: Particles, t: float, evaluate: Evaluate,
+             generator: torch.Generator | None = None) -> tuple[Particles, int]:
+        n, n_atoms = len(p.x), self.turns.moving.shape[1]
+        if p.x.dim() != 3 or p.x.shape[1:] != (n_atoms, 3):
+            raise ValueError(f"TorsionMove turns Cartesian frames (n, {n_atoms}, 3); got particles {tuple(p.x.shape)} "
+                             "(latent-space particles cannot be turned: use space: data or both)")
+        accepted, moved = 0, torch.zeros(n, dtype=torch.bool, device=p.x.device)
+        for _ in range(self.moves):
+            rotor = torch.randint(len(self.turns), (n,), generator=generator, device=p.x.device)
+            angle = (2 * torch.rand(n, generator=generator, dtype=torch.float64, device=p.x.device) - 1) * self.max_angle
+            x_new = self.turns.turn(p.x, rotor, angle)
+            # energies alone here (no backward pass); the gradients of the moved particles are refreshed below
+            new = Particles(x_new, *evaluate(x_new, grad=False)[:2], p.g0, p.g1)
+            e_t, e_t_new = (1 - t) * p.e0 + t * p.e1, (1 - t) * new.e0 + t * new.e1
+            u = torch.rand(n, generator=generator, dtype=torch.float64, device=p.x.device)
+            accept = torch.isfinite(e_t_new) & (torch.log(u) < -(e_t_new - e_t))
+            p = p.where(accept, new)
+            accepted, moved = accepted + int(accept.sum()), moved | accept
+        if p.g0 is not None and moved.any():
+            idx = moved.nonzero().flatten()
+            _, _, g0, g1 = evaluate(p.x[idx])
+            p.g0, p.g1 = p.g0.index_put((idx,), g0), p.g1.index_put((idx,), g1)
+        return p, round(accepted / self.moves)
 
 
 class Alternating:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import mdtraj as md
 import torch
 from torch import Tensor, nn
 
@@ -51,12 +52,13 @@ class Proposal:
         checks: the family's checks of generated frames (``None``: none).
         differentiable: whether ``log_prob`` has gradients with respect to x.
         name: label in error messages.
+        topology: the molecule's ``mdtraj.Topology`` (moves that turn torsions need its bonds); ``None``: unknown.
     """
 
     def __init__(self, density: nn.Module, batch_size: int = 1000, checks: Checks | None = None,
-                 differentiable: bool = True, name: str = "generator"):
+                 differentiable: bool = True, name: str = "generator", topology: md.Topology | None = None):
         self.density, self.batch_size, self.checks = density, batch_size, checks
-        self.differentiable, self.name = differentiable, name
+        self.differentiable, self.name, self.topology = differentiable, name, topology
 
     def sample(self, n: int, batch_size: int | None = None) -> dict[str, Tensor]:
         """``x`` ``(n, N, 3)`` nm (float64), ``log_q`` ``(n,)`` and the checks' flags, drawn in batches of
@@ -114,7 +116,7 @@ class Proposal:
         if not getattr(self.density, "has_latent", False):
             raise ValueError(f"{self.name} does not expose its flow's latent space; SMC in latent space needs a flow "
                              "with from_latent (the TarFlow, the NSFs); use space: data")
-        return LatentProposal(self.density, self.batch_size, self.checks, self.differentiable, self.name)
+        return LatentProposal(self.density, self.batch_size, self.checks, self.differentiable, self.name, self.topology)
 
 
 class LatentProposal(Proposal):

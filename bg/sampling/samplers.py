@@ -22,7 +22,8 @@ import torch
 
 from bg.choices import check_choices
 from bg.sampling.importance import importance_sampling
-from bg.sampling.kernels import MALA, ULA, Alternating, LatentMove
+from bg.coordinates.torsions import Torsions, torsion_turns
+from bg.sampling.kernels import MALA, ULA, Alternating, LatentMove, TorsionMove
 from bg.sampling.proposal import Energy, Proposal, batched
 from bg.sampling.smc import Schedule, evaluator, smc
 
@@ -91,6 +92,12 @@ class SMCSampler(Sampler):
             (data-space particles; each Langevin step is a latent move of ``latent_step_size`` then a data-space
             move of ``step_size``; body-frame TarFlow only).
         latent_step_size: h of the latent moves with ``space: both`` (latent units²; required there).
+        torsion_moves: Metropolis torsion turns after each Langevin step (``bg.sampling.kernels.TorsionMove``; 0:
+            none). They move conformational basins, which Langevin steps sized for the bonds do not; they need
+            Cartesian particles (``space: data`` or ``both``) and the proposal's topology.
+        torsions: which bonds they turn: ``backbone`` (φ, ψ) or ``rotatable`` (every non-ring, non-planar bond;
+            ``bg.coordinates.torsions``).
+        torsion_max_angle: turns are uniform in [−max, max] rad (π: any angle).
     """
 
     name = "smc"
@@ -98,10 +105,16 @@ class SMCSampler(Sampler):
     def __init__(self, n_steps: int = 100, langevin_steps: int = 1, step_size: float = 1e-6, metropolis: bool = True,
                  ess_threshold: float = 0.5, energy_cut: float | None = None, batch_size: int | None = None,
                  schedule: Schedule = "linear", target_cess: float = 0.95, space: Space = "data",
-                 latent_step_size: float | None = None):
+                 latent_step_size: float | None = None, torsion_moves: int = 0, torsions: Torsions = "backbone",
+                 torsion_max_angle: float = math.pi):
         if n_steps < 1 or langevin_steps < 0 or step_size <= 0:
             raise ValueError("SMCSampler: n_steps ≥ 1, langevin_steps ≥ 0 and step_size > 0 are required")
-        check_choices(SMCSampler.__init__, dict(schedule=schedule, space=space), "SMCSampler ")
+        check_choices(SMCSampler.__init__, dict(schedule=schedule, space=space, torsions=torsions), "SMCSampler ")
+        if torsion_moves < 0 or not 0 < torsion_max_angle <= math.pi:
+            raise ValueError(f"SMCSampler: torsion_moves ≥ 0 and 0 < torsion_max_angle ≤ π are required, got "
+                             f"{torsion_moves}, {torsion_max_angle}")
+        if torsion_moves and space == "latent":
+            raise ValueError("SMCSampler: torsion moves turn Cartesian frames; they need space: data or both, not latent")
         if not 0 < target_cess < 1:
             raise ValueError(f"SMCSampler: target_cess must lie in (0, 1), got {target_cess}")
         self.n_steps, self.langevin_steps, self.step_size = n_steps, langevin_steps, step_size
@@ -110,17 +123,26 @@ class SMCSampler(Sampler):
         if space == "both" and (latent_step_size is None or latent_step_size <= 0):
             raise ValueError("SMCSampler with space: both needs latent_step_size > 0 (latent units², e.g. 3.0e-3)")
         self.latent_step_size = latent_step_size
+        self.torsion_moves, self.torsions, self.torsion_max_angle = torsion_moves, torsions, torsion_max_angle
 
-    def kernel(self, proposal: Proposal, target: Energy):
-        """The MCMC kernel of ``space`` for ``proposal`` (whose particle space is already the chosen one)."""
+    def kernels(self, proposal: Proposal, target: Energy) -> dict[str, ULA | LatentMove | TorsionMove]:
+        """The MCMC moves of one Langevin step for ``proposal`` (whose particle space is already the chosen one),
+        by label (``latent``, ``data``, ``torsion``), in the order they run."""
         make = MALA if self.metropolis else ULA
-        if self.space != "both":
-            return make(self.step_size)
-        latent = proposal.latent()
-        proposal.require_to_latent()
-        latent_move = LatentMove(make(self.latent_step_size), proposal.to_latent, latent.frames,
-                                 evaluator(lambda z: -latent.log_prob(z), latent.target(target), self.batch_size))
-        return Alternating([latent_move, make(self.step_size)])
+        moves: dict = {}
+        if self.space == "both":
+            latent = proposal.latent()
+            proposal.require_to_latent()
+            moves["latent"] = LatentMove(make(self.latent_step_size), proposal.to_latent, latent.frames,
+                                         evaluator(lambda z: -latent.log_prob(z), latent.target(target), self.batch_size))
+        moves["data" if self.space != "latent" else "latent"] = make(self.step_size)
+        if self.torsion_moves:
+            if proposal.topology is None:
+                raise ValueError(f"{proposal.name} does not know its molecule's topology, which torsion moves need; "
+                                 "set torsion_moves: 0")
+            moves["torsion"] = TorsionMove(torsion_turns(proposal.topology, self.torsions), self.torsion_moves,
+                                           self.torsion_max_angle)
+        return moves
 
     def __call__(self, proposal: Proposal, target: Energy, n: int, generator: torch.Generator | None = None,
                  progress: bool = False) -> dict[str, Any]:
@@ -131,7 +153,8 @@ class SMCSampler(Sampler):
                              "generator does not provide; use sampler: null or bg.sampling.ImportanceSampler")
         if self.space == "latent":
             proposal = proposal.latent()
-        kernel = self.kernel(proposal, target)
+        moves = self.kernels(proposal, target)
+        kernel = next(iter(moves.values())) if len(moves) == 1 else Alternating(list(moves.values()))
         # SMC needs gradients; Lightning's predict and validation loops run in inference mode.
         with torch.inference_mode(False), torch.enable_grad():
             res = smc(proposal.particles(n), lambda s: -proposal.log_prob(s), proposal.target(target),
@@ -145,6 +168,6 @@ class SMCSampler(Sampler):
         out = dict(x=x, log_w=res.log_w, energy_kT=u, sampler=self.name, ess=res.ess, log_z=res.log_z,
                    ess_history=res.ess_history, path=res.path, resampled_at=res.resampled_at, acceptance=res.acceptance,
                    n_rejected=res.n_rejected, rejection_rate=res.rejection_rate, n_ancestors=res.n_ancestors)
-        if isinstance(kernel, Alternating):  # latent, then data-space moves
-            out["acceptance_latent"], out["acceptance_data"] = kernel.acceptance
+        if isinstance(kernel, Alternating):  # e.g. latent, then data-space moves, then torsion turns
+            out.update({f"acceptance_{label}": a for label, a in zip(moves, kernel.acceptance)})
         return out

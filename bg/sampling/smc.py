@@ -110,7 +110,8 @@ def _energies(x: Tensor, source: Energy, target: Energy, grad: bool, batch_size:
 
 
 def evaluator(source: Energy, target: Energy, batch_size: int | None = None):
-    """``x -> (E0, E1, ∇E0, ∇E1)`` for kernels (``bg.sampling.kernels``), in chunks of ``batch_size`` particles."""
+    """``x -> (E0, E1, ∇E0, ∇E1)`` for kernels (``bg.sampling.kernels``), in chunks of ``batch_size`` particles;
+    called with ``grad=False`` it skips the backward pass (gradients ``None``)."""
     return partial(_energies, source=source, target=target, grad=True, batch_size=batch_size)
 
 
