@@ -11,10 +11,10 @@ E_t = (1 − t)·E0 + t·E1 with an MCMC kernel (``kernels``: ULA, MALA), Jarzyn
 
 from bg.sampling.ess import kish_ess
 from bg.sampling.importance import ISResult, importance_sampling
-from bg.sampling.kernels import MALA, ULA, Particles
+from bg.sampling.kernels import MALA, ULA, Particles, TorsionMove
 from bg.sampling.proposal import Energy, LatentProposal, Proposal, batched
 from bg.sampling.samplers import ImportanceSampler, Sampler, SMCSampler
 from bg.sampling.smc import SMCResult, smc, systematic_resample
 
-__all__ = ["Energy", "ISResult", "ImportanceSampler", "MALA", "LatentProposal", "Particles", "Proposal", "SMCResult", "SMCSampler", "Sampler", "ULA",
+__all__ = ["Energy", "ISResult", "ImportanceSampler", "MALA", "LatentProposal", "Particles", "Proposal", "SMCResult", "SMCSampler", "Sampler", "TorsionMove", "ULA",
            "batched", "importance_sampling", "kish_ess", "smc", "systematic_resample"]
