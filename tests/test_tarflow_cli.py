@@ -74,7 +74,7 @@ def test_predict_with_importance_and_smc_samplers(fitted, aldp_system):
 
     smc_cfg = tmp_path / "smc.yaml"
     smc_cfg.write_text(yaml.safe_dump(dict(model=dict(init_args=dict(
-        predict_samples=30, sampler=dict(class_path="bg.sampling.SMCSampler", init_args=SMC))))))
+        predict_samples=30, sampler=dict(class_path="bg.sampling.SMCSampler", init_args=dict(SMC, torsion_moves=2)))))))
     out = run(base + ["--config", str(smc_cfg)], tmp_path)
     assert "smc samples" in out and "ESS/n before the last resampling" in out and "distinct proposals" in out
     folder = predicted_folder(out)
@@ -84,6 +84,7 @@ def test_predict_with_importance_and_smc_samplers(fitted, aldp_system):
     stats = json.loads((folder / "samples.json").read_text())
     assert traj.n_frames == 30 and set(npz.files) == {"energy_kT", "log_w"}
     assert stats["sampler"] == "smc" and len(stats["ess_history"]) == 3 and 0 <= stats["acceptance"] <= 1
+    assert 0 <= stats["acceptance_torsion"] <= 1 and 0 <= stats["acceptance_data"] <= 1  # YAML → torsion turns
     # the written energies are those of the written (final) particles
     model = bg.load_generator(ckpt)
     u = model.energy(torch.as_tensor(traj.xyz, dtype=torch.float64))

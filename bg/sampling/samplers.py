@@ -114,7 +114,8 @@ class SMCSampler(Sampler):
             raise ValueError(f"SMCSampler: torsion_moves ≥ 0 and 0 < torsion_max_angle ≤ π are required, got "
                              f"{torsion_moves}, {torsion_max_angle}")
         if torsion_moves and space == "latent":
-            raise ValueError("SMCSampler: torsion moves turn Cartesian frames; they need space: data or both, not latent")
+            raise ValueError("SMCSampler: torsion moves turn Cartesian frames; they need space: data or both, not "
+                             "latent (set torsion_moves: 0 for space: latent)")
         if not 0 < target_cess < 1:
             raise ValueError(f"SMCSampler: target_cess must lie in (0, 1), got {target_cess}")
         self.n_steps, self.langevin_steps, self.step_size = n_steps, langevin_steps, step_size
