@@ -27,7 +27,7 @@ import mdtraj as md
 import torch
 from torch import Tensor
 
-from bg.coordinates.harmonic import bond_graph, bond_in_ring
+from bg.coordinates.harmonic import bond_graph
 
 Torsions = Literal["backbone", "rotatable"]
 
@@ -107,9 +107,9 @@ def torsion_turns(topology: md.Topology, which: Torsions = "backbone") -> Torsio
     found = _backbone_bonds(topology, neighbours) if which == "backbone" else _rotatable_bonds(topology, neighbours)
     axes, moving, names = [], [], []
     for a, b, name in found:
-        if bond_in_ring(neighbours, a, b):
-            continue
         side_b, side_a = _side(neighbours, a, b), _side(neighbours, b, a)
+        if side_a & side_b:  # the two sides meet: the bond lies on a ring
+            continue
         if len(side_a) < len(side_b):
             a, b, side_b = b, a, side_a
         mask = torch.zeros(topology.n_atoms, dtype=torch.bool)
