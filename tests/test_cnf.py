@@ -232,3 +232,32 @@ def test_transferable_field_errors_name_the_problem(aldp_field, glycine_tokens):
         shared.bind(bad)
     with pytest.raises(ValueError, match="no fixed number of atoms"):
         shared.n_atoms
+
+
+class _TimeRecorder(torch.nn.Module):
+    """A zero vector field that records the times it is asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.times: list[torch.Tensor] = []
+
+    def forward(self, t, x):
+        self.times.append(t.detach().flatten().clone())
+        return torch.zeros_like(x) * self.w
+
+
+@pytest.mark.parametrize("k", [1.0, 3.0])
+def test_flow_matching_times_follow_the_time_exponent_density(k):
+    # t = u^(1/k) has CDF t^k: a Kolmogorov–Smirnov distance against that CDF, and Beta(k, 1)'s mean k/(k + 1)
+    torch.manual_seed(0)
+    field = _TimeRecorder()
+    flow = ContinuousFlow(field, 4).double()
+    x1 = torch.randn(4000, 4, 3, dtype=torch.float64)
+    flow.flow_matching_loss(x1, time_exponent=k)
+    t = torch.sort(field.times[0]).values.numpy()
+    cdf = np.arange(1, len(t) + 1) / len(t)
+    assert np.abs(cdf - t ** k).max() < 1.36 / math.sqrt(len(t)) * 1.5
+    assert abs(t.mean() - k / (k + 1)) < 0.02
+    with pytest.raises(ValueError, match="time_exponent"):
+        flow.flow_matching_loss(x1, time_exponent=0.0)

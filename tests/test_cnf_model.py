@@ -90,9 +90,34 @@ def test_option_errors_are_clear():
     for kwargs, match in ((dict(encoding="atoms"), "encoding"), (dict(chirality="flip"), "chirality"),
                           (dict(pairing="sinkhorn"), "pairing"), (dict(solver="rk45"), "model.solver must be one of"),
                           (dict(scale=-1.0), "scale"), (dict(loss_weights={"nll": 1.0}), "unknown term"),
-                          (dict(prior="gaussian"), "model.prior must be one of")):
+                          (dict(prior="gaussian"), "model.prior must be one of"),
+                          (dict(time_exponent=0.0), "time_exponent")):
         with pytest.raises(ValueError, match=match):
             EquivariantCNF(**kwargs)
+
+
+def test_training_times_follow_the_time_exponent_and_held_out_times_stay_uniform(aldp_system, aldp_frames,
+                                                                                monkeypatch):
+    """time_exponent k: training times t have density k·t^(k−1) (mean k/(k + 1)); val/flow_matching keeps
+    uniform times (mean 1/2), so held-out losses of runs with different k compare."""
+    x = torch.as_tensor(aldp_frames)
+    torch.manual_seed(0)
+    model = EquivariantCNF(**TINY, time_exponent=4.0)
+    model.build(aldp_system, x)
+    field, seen = model.flow.field, []
+    forward = field.forward
+    monkeypatch.setattr(field, "forward", lambda t, y: (seen.append(t.detach()), forward(t, y))[1])
+    with torch.no_grad():
+        for _ in range(10):
+            model.term_flow_matching(x)
+        train = torch.cat(seen)
+        seen.clear()
+        for _ in range(10):
+            model.validation_loss(x)
+        held_out = torch.cat(seen)
+    assert len(train) >= 500
+    assert float(train.mean()) == pytest.approx(0.8, abs=0.03)
+    assert float(held_out.mean()) == pytest.approx(0.5, abs=0.04)
 
 
 def test_the_harmonic_prior_starts_bonds_as_long_as_the_datas_and_is_saved(aldp_system, aldp_frames):

@@ -16,7 +16,10 @@ taken in R^{3N}.
   pass); for cheap training diagnostics only.
 
 Flow matching (Lipman et al. 2023; Tong et al. 2024): x_t = (1 − t)x₀ + t·x₁ + σ·ε, target x₁ − x₀, with
-x₀ from the prior and x₁ data, paired independently or by equivariant OT (``bg.flows.pairing``).
+x₀ from the prior and x₁ data, paired independently or by equivariant OT (``bg.flows.pairing``). Training
+times have density k·t^(k−1) (``time_exponent`` k; 1: uniform): k > 1 spends more of the training on late
+times, where the field places the atoms to a few thousandths of a nm. Any k keeps the same minimiser, the
+conditional mean of x₁ − x₀ at each (t, x).
 
 ODE solves use torchdiffeq (adaptive ``dopri5`` with ``rtol``/``atol``, or fixed-step ``euler``,
 ``midpoint``, ``rk4`` with ``steps`` steps).
@@ -184,15 +187,19 @@ class ContinuousFlow(Flow):
 
     # ------------------------------------------------------------------ training
     def flow_matching_loss(self, x1: Tensor, sigma: float = 0.0, pairing: Pairing = "independent",
-                           groups: list[Tensor] | None = None, ot_chunk: int | None = None) -> Tensor:
+                           groups: list[Tensor] | None = None, ot_chunk: int | None = None,
+                           time_exponent: float = 1.0) -> Tensor:
         """Mean squared error (per coordinate of the subspace) between v(t, x_t) and x₁ − x₀ over a batch of
-        data frames ``(B, N, 3)``; ``groups`` (identical atoms) and ``ot_chunk`` as in ``equivariant_ot_pairs``."""
+        data frames ``(B, N, 3)``; ``groups`` (identical atoms) and ``ot_chunk`` as in ``equivariant_ot_pairs``;
+        times t = u^(1/k) with u uniform, k = ``time_exponent`` (density k·t^(k−1))."""
         check_choices(ContinuousFlow.flow_matching_loss, dict(pairing=pairing))
+        if time_exponent <= 0:
+            raise ValueError(f"time_exponent must be positive, got {time_exponent}")
         x1 = centred(x1.to(self.dtype))
         x0 = self.prior_sample(len(x1), x1.dtype, x1.device)
         if pairing == "ot":
             x0, x1 = equivariant_ot_pairs(x0, x1, groups or [], ot_chunk)
-        t = torch.rand(len(x1), 1, 1, dtype=x1.dtype, device=x1.device)
+        t = torch.rand(len(x1), 1, 1, dtype=x1.dtype, device=x1.device) ** (1.0 / time_exponent)
         xt = (1 - t) * x0 + t * x1
         if sigma > 0:
             xt = xt + sigma * centred(torch.randn_like(x1))
