@@ -4,8 +4,10 @@ Loads a trained checkpoint (``bg fit --config configs/aldp_cnf.yaml``), draws ``
 log q from the exact divergence (timed, with the number of ODE function evaluations), applies the
 chirality / bond-graph checks, and compares proposal and importance-reweighted samples with the test
 split of the MD: ESS/n over all samples drawn (dropped ones count as weight zero) and over the kept
-ones only, the wrong-chirality and broken-bond-graph rates, energy W2 (kT; capped at max(MD) + 20 kT),
-φ/ψ torsion W2 (rad, periodic, mean of φ and ψ), ΔD (nm) and φ/ψ basin populations. With
+ones only, under the model's energy (the torch force field) and under OpenMM (the reference), the wrong-chirality and broken-bond-graph rates, energy W2 (kT; capped at max(MD) + 20 kT),
+φ/ψ torsion W2 (rad, periodic, mean of φ and ψ), ΔD (nm) and φ/ψ basin populations; where the excess
+energy sits: the median of each force-field term (kT) over kept samples against the MD's, and each bond's
+median |z| (length minus the MD's mean, over the MD's sd). With
 ``--compare label=checkpoint`` the sampling cost (samples + log q, no energies) of other generators is
 timed on the same machine for the side-by-side table. Writes a Markdown file.
 
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import bg  # noqa: E402
 from bench.md_reference import compare, load_reference  # noqa: E402
 from bg.analysis import BASINS, basin_populations  # noqa: E402
+from bg.energy import target_energy  # noqa: E402
 from bg.flows import ODESolver  # noqa: E402
 from bg.metrics import circular_w2_1d, kish_ess  # noqa: E402
 
@@ -41,6 +44,31 @@ def time_sampling(model, n: int, batch: int) -> float:
     t0 = time.time()
     model.sample(n, batch)
     return (time.time() - t0) / n * 1000
+
+
+@torch.no_grad()
+def geometry_lines(model, x: torch.Tensor, md: torch.Tensor) -> list[str]:
+    """Markdown: the median of each torch force-field term (kT) over samples ``x`` and MD frames ``md``
+    ``(B, N, 3)`` nm, and bond lengths of the samples as |z| against the MD's per-bond mean and sd."""
+    if not len(x):
+        return ["", "No kept samples: no geometry table."]
+    terms = target_energy(model.system, backend="torch", compile=False).double().energy_terms
+    ours, theirs = terms(x), terms(md[:5000])
+    lines = ["", "Where the energy sits (median over kept samples / over MD test frames, kT, torch force field):", "",
+             "| term | samples | MD | excess |", "|---|---|---|---|"]
+    for name in ours:
+        a, b = float(ours[name].median()), float(theirs[name].median())
+        lines.append(f"| {name.split('[')[0]} | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
+    top = model.topology
+    bonds = torch.tensor([[a.index, b.index] for a, b in top.bonds])
+    length = lambda f: (f[:, bonds[:, 0]] - f[:, bonds[:, 1]]).norm(dim=-1)  # noqa: E731
+    ref = length(md)
+    z = ((length(x) - ref.mean(0)) / ref.std(0)).abs().median(0).values
+    worst = ", ".join(f"{top.atom(int(bonds[i, 0])).name}–{top.atom(int(bonds[i, 1])).name} {float(z[i]):.1f}"
+                      for i in z.argsort(descending=True)[:4])
+    lines += ["", f"Bond lengths: median |z| (in MD standard deviations) {float(z.mean()):.2f} averaged over the "
+              f"{len(bonds)} bonds (an exact sampler: 0.67); largest: {worst}."]
+    return lines
 
 
 def main() -> None:
@@ -68,7 +96,7 @@ def main() -> None:
     model.ode = model.flow.solver = ODESolver(args.solver or ode.method, args.rtol or ode.rtol, args.atol or ode.atol,
                                               args.steps or ode.steps)
     top = model.topology
-    _, ref = load_reference(args.data_config, model)
+    dm, ref = load_reference(args.data_config, model)
 
     parts, nfe = [], []
     t0 = time.time()
@@ -83,6 +111,14 @@ def main() -> None:
     x, u, log_w, valid = out["x"], out["energy_kT"], out["log_w"], out["valid"]
     ess_all = float(kish_ess(log_w))
     ess_kept = float(kish_ess(log_w[valid])) if valid.any() else 0.0
+    # the same samples judged by OpenMM: dropped samples keep log w = −inf
+    openmm_u = target_energy(model.system, backend="openmm", n_workers=0)
+    with torch.no_grad():
+        u_omm = torch.cat([openmm_u(c) for c in x.split(args.batch)])
+    log_w_omm = torch.where(torch.isfinite(log_w), -u_omm - out["log_q"], torch.full_like(log_w, -torch.inf))
+    ess_omm = float(kish_ess(log_w_omm))
+    agree = torch.isfinite(u_omm) & (u_omm < 100)
+    max_du = float((u - u_omm)[agree].abs().max()) if agree.any() else float("nan")
     rows = {"proposal (raw, all)": compare(x, u, None, ref),
             "proposal (kept)": compare(x[valid], u[valid], None, ref),
             "importance-reweighted": compare(x, u, log_w, ref)}
@@ -105,8 +141,9 @@ def main() -> None:
              f"(3N = {3 * top.n_atoms} backward passes per function evaluation); NFE per batch "
              f"{min(nfe)}–{max(nfe)}; {t_sample:.0f} s in all, **{t_sample / args.samples * 1000:.0f} s per 1,000 samples**.",
              "",
-             f"**ESS/n = {ess_all:.4f}** over all {args.samples} samples (dropped ones weigh zero); "
-             f"{ess_kept:.4f} over the {int(valid.sum())} kept samples only.",
+             f"**ESS/n = {ess_omm:.4f} (OpenMM energies)**, {ess_all:.4f} (torch force field) over all "
+             f"{args.samples} samples (dropped ones weigh zero); {ess_kept:.4f} (torch) over the {int(valid.sum())} "
+             f"kept samples only. Largest |u_torch − u_OpenMM| below 100 kT: {max_du:.2g} kT.",
              f"Wrong chirality (before mirroring): {rate('wrong_chirality'):.3f}; mirrored: {rate('mirrored'):.3f}; "
              f"broken bond graph: {rate('broken_topology'):.3f}; kept: {rate('valid'):.3f}.", "",
              "Against the MD test split (energy W2 in kT, energies capped at max(MD) + 20 kT; torsion W2 in rad, "
@@ -122,6 +159,7 @@ def main() -> None:
     test_vs_val = float(circular_w2_1d(ref["angles"], ref["angles_val"]).mean())
     lines.append(f"| MD test (reference) | 0 | 0 | {test_vs_val:.3f} | 0 | "
                  + " / ".join(f"{md_test[k]:.3f}" for k in BASINS) + " |")
+    lines += geometry_lines(model, x[valid], dm.positions["test"].double())
     lines += ["", "Sampling cost with log q on this machine (no energies; CNF: the run above):", "",
               "| generator | s per 1,000 samples |", "|---|---|"]
     lines += [f"| {label} | {c:.1f} |" for label, c in cost.items()]
