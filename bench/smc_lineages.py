@@ -5,12 +5,15 @@
     python bench/smc_lineages.py --checkpoint <ckpt> --space latent --step-size 0.01 --schedule adaptive
     python bench/smc_lineages.py --checkpoint <ckpt> --space both --latent-step-size 0.003 --step-size 2e-6
     python bench/smc_lineages.py --checkpoint <ckpt> --schedule adaptive --step-size 2e-6 --torsion-moves 5
+    python bench/smc_lineages.py --checkpoint <ckpt> ... --seeds 2 3 --pool   # + one row for the runs pooled
 
 The sampler's options are ``bg.sampling.SMCSampler``'s (MALA moves; ``--steps`` bounds the adaptive schedule).
 With ``--reference`` (``reference.pt`` of bench/aldp_reference.py) each run's weighted φ/ψ torsion W2 to the long
 reference is printed with 1.5× the reference's split-half floor, the issue's bar, and with what exact samplers read
 against it: independent draws of as many frames as there are particles (W2 falls with the sample size; the φ > 0
 basins hold < 1 %, so 1,000 particles resolve them to ±0.3 %), and the reference without its φ > 0 frames.
+``--pool`` adds a row for all seeds' particles together, each run weighing 1/(number of seeds): independent
+runs average their errors away, which one run's resampled particles (copies of fewer ancestors) cannot.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--torsion-max-angle", type=float, default=3.141592653589793, help="rad")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--reference", help="reference.pt of bench/aldp_reference.py: torsion W2 against it")
+    parser.add_argument("--pool", action="store_true", help="one more row: every seed's particles together")
     args = parser.parse_args()
     model = bg.load_generator(args.checkpoint)
     ref = torch.load(args.reference, weights_only=False) if args.reference else None
@@ -89,6 +93,7 @@ def main() -> None:
     print("| seed | time | path points | resamplings | distinct ancestors | final ESS/n | acceptance | basins "
           + " / ".join(BASINS) + " | φ > 0 | torsion W2 to the reference |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    pooled = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         t0 = time.time()
@@ -99,15 +104,27 @@ def main() -> None:
                              torsion_max_angle=args.torsion_max_angle)
         out = sampler(model.proposal, model.energy, args.particles, generator=torch.Generator().manual_seed(seed))
         phi, psi = phi_psi(out["x"], model.topology)
-        b = basin_populations(phi[:, 0], psi[:, 0], out["log_w"])
-        phi_positive = b["alpha_L"] + b["C7ax"]  # the two basins are the φ > 0 half (bg.analysis.basin_index)
-        w2 = "–"
-        if ref is not None:
-            w = torch.softmax(out["log_w"], 0)
-            w2 = f"{float(circular_w2_1d(torch.cat([phi, psi], 1), ref['angles'], w).mean()):.3f}"
+        angles, w = torch.cat([phi, psi], 1), torch.softmax(out["log_w"], 0)
+        pooled.append((angles, w))
         print(f"| {seed} | {time.time() - t0:.0f} s | {len(out['path'])} | {len(out['resampled_at'])} | {out['n_ancestors']} | "
-              f"{out['ess']:.3f} | {acceptance(out)} | "
-              + " / ".join(f"{b[k]:.3f}" for k in BASINS) + f" | {phi_positive:.4f} | {w2} |", flush=True)
+              f"{out['ess']:.3f} | {acceptance(out)} | {populations(angles, w, ref)} |", flush=True)
+    if args.pool and len(pooled) > 1:
+        angles = torch.cat([a for a, _ in pooled])
+        w = torch.cat([w for _, w in pooled]) / len(pooled)
+        print(f"| {len(pooled)} seeds pooled | | | | | | | {populations(angles, w, ref)} |")
+        if ref is not None:
+            exact = exact_sampler_w2(ref["angles"], len(angles))
+            print(f"exact samplers of {len(angles)} frames read {exact.median():.3f} "
+                  f"(10–90 %: {exact.quantile(0.1):.3f}–{exact.quantile(0.9):.3f})")
+
+
+def populations(angles: torch.Tensor, w: torch.Tensor, ref: dict | None) -> str:
+    """Table cells: basin populations, the φ > 0 population and the torsion W2 to the reference of weighted
+    φ/ψ ``angles`` ``(n, 2)`` rad with normalised weights ``w`` ``(n,)``."""
+    b = basin_populations(angles[:, 0], angles[:, 1], torch.log(w))
+    phi_positive = b["alpha_L"] + b["C7ax"]  # the two basins are the φ > 0 half (bg.analysis.basin_index)
+    w2 = "–" if ref is None else f"{float(circular_w2_1d(angles, ref['angles'], w).mean()):.3f}"
+    return " / ".join(f"{b[k]:.3f}" for k in BASINS) + f" | {phi_positive:.4f} | {w2}"
 
 
 if __name__ == "__main__":
