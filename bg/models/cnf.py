@@ -130,7 +130,7 @@ class EquivariantCNF(BoltzmannGenerator):
         return x, log_q, checked
 
     def term_flow_matching(self, x: Tensor) -> Tensor:
-        return self._flow_matching(x, self.hparams.get("time_exponent", 1.0))
+        return self._flow_matching(x, self.hparams.time_exponent)
 
     def _flow_matching(self, x: Tensor, time_exponent: float) -> Tensor:
         hp = self.hparams
