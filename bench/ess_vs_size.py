@@ -52,6 +52,15 @@ def fit_slope(points: list[tuple[int, float]]) -> float:
     return sum(d * s for d, s in points) / sum(d * d for d, _ in points)
 
 
+def fit_power(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (a, k) of log σ² = log a + k·log D (σ² = a·D^k), from two points or more."""
+    xs = [math.log(d) for d, _ in points]
+    ys = [math.log(v) for _, v in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - k * mx), k
+
+
 def times(path: Path) -> dict[str, int]:
     """Wall seconds per step of ``times.txt``, the longest of its entries (a rerun that found the MD cached reads ~0)."""
     out: dict[str, int] = {}
@@ -144,15 +153,22 @@ def main() -> None:
     lines.append("")
     if points:
         c = fit_slope(points)
-        lines += [f"Fit σ² = c·D over {len(points)} peptide(s) above the floor: **c = {c:.4f} nats² per coordinate**.",
-                  "", "| protein | D | σ² = c·D | ESS/n expected at this c | c needed for ESS/n ≥ 1e-3 |",
-                  "|---|---|---|---|---|"]
+        power = fit_power(points) if len({d for d, _ in points}) > 1 else None
+        lines += [f"Fit σ² = c·D over {len(points)} peptide(s) above the floor: **c = {c:.4f} nats² per coordinate** "
+                  "(independent errors per coordinate, the recipe's per-coordinate quality held)."]
+        if power:
+            lines.append(f"Fit σ² = a·D^k (log-log least squares): **a = {power[0]:.3g}, k = {power[1]:.2f}** (the "
+                         "per-coordinate quality of one recipe falling with size).")
+        lines += ["", "| protein | D | c needed for ESS/n ≥ 1e-3 | σ² = c·D | ESS/n at c | σ² = a·D^k | log-w sd at a·D^k |",
+                  "|---|---|---|---|---|---|---|"]
         for name, pdb in PROTEINS.items():
             path = args.shared / pdb
             dim = free_coordinates(str(path))[1] if path.exists() else PROTEIN_DIM[name]
             need = log_weight_variance(TARGET_ESS) / dim
-            lines.append(f"| {name} | {dim} | {c * dim:.1f} | {math.exp(-c * dim):.2g} | {need:.4f} "
-                         f"(this recipe's c is {c / need:.1f}× that) |")
+            cells = (f"{power[0] * dim ** power[1]:,.0f} | {math.sqrt(power[0] * dim ** power[1]):.0f} nats"
+                     if power else "– | –")
+            lines.append(f"| {name} | {dim} | {need:.4f} ({c / need:.1f}× below the fitted c) | {c * dim:.1f} | "
+                         f"{math.exp(-c * dim):.2g} | {cells} |")
     else:
         lines.append("Every peptide sits at the floor of one effective sample: no fit.")
     text = "\n".join(lines) + "\n"

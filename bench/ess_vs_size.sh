@@ -8,8 +8,9 @@
 # growth per residue extrapolates to villin's 35.
 #   bash bench/ess_vs_size.sh                 # A, AAA, AAAAAA → bench/results/ess_vs_size/<SEQ>/
 #   bash bench/ess_vs_size.sh AAAAAAAAA       # other sequences
-# Resumable per sequence: a finished MD is reused (cache), a finished training (fit.log with its "last checkpoint:"
-# line) is not repeated; judging reruns. Wall times go to bench/runs/ess_vs_size/<SEQ>/times.txt.
+# Resumable per sequence: a finished MD is reused (cache); an interrupted training (fit.log without its "last
+# checkpoint:" line) continues from its newest last.ckpt (`--ckpt_path last`); a finished one is not repeated;
+# judging reruns. Wall times go to bench/runs/ess_vs_size/<SEQ>/times.txt.
 set -euo pipefail
 BG=${BG:-.venv/bin/bg}
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -26,13 +27,18 @@ for SEQ in "${SEQS[@]}"; do
   $BG data --system "peptide:$SEQ" --forcefield amber14-obc2 "${MD_ARGS[@]}" --cache-dir $CACHE > "$RUN/data.log" 2>&1
   stamp "MD (2 ns; ~0 when cached)" $(( $(date +%s) - start ))
   if ! { [[ -f $RUN/fit.log ]] && grep -q "last checkpoint: " "$RUN/fit.log"; }; then
+    RESUME=()
+    if [[ -f $RUN/fit.log ]]; then  # interrupted: continue from its newest last.ckpt, keeping its log
+      RESUME=(--ckpt_path last)
+      echo "--- resumed $(date -u +%FT%TZ)" >> "$RUN/fit.log"
+    fi
     start=$(date +%s)
     $BG fit --config configs/aldp_nsf.yaml --trainer.enable_progress_bar=false \
         --data.init_args.system="peptide:$SEQ" --data.init_args.forcefield=amber14-obc2 --data.init_args.generator=md \
         --data.init_args.cache_dir=$CACHE --data.init_args.constraints=hbonds --data.init_args.md.n_frames=10000 \
         --data.init_args.md.steps_per_frame=50 --data.init_args.md.timestep_fs=4.0 --data.init_args.md.hydrogen_mass=4.0 \
-        --data.init_args.md.equilibration_steps=5000 --model.init_args.reduced=true > "$RUN/fit.log" 2>&1
-    stamp "training" $(( $(date +%s) - start ))
+        --data.init_args.md.equilibration_steps=5000 --model.init_args.reduced=true "${RESUME[@]}" >> "$RUN/fit.log" 2>&1
+    stamp "training${RESUME:+ (resumed)}" $(( $(date +%s) - start ))
   fi
   CKPT=$(grep -o "last checkpoint: .*" "$RUN/fit.log" | tail -1 | cut -d' ' -f3)
   MD=$(ls -d $CACHE/*/md | grep -i -- "-$(echo "$SEQ" | tr 'A-Z' 'a-z')-" | head -1)

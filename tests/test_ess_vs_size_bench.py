@@ -36,3 +36,10 @@ def test_free_coordinates_of_capped_alanine():
     # every alanine added brings the same coordinates: the count is linear in the chain length
     dims = [free_coordinates(f"peptide:{'A' * k}")[1] for k in (1, 2, 3)]
     assert dims[2] - dims[1] == dims[1] - dims[0] > 0
+
+
+def test_power_law_fit_recovers_its_exponent():
+    from bench.ess_vs_size import fit_power
+
+    a, k = fit_power([(d, 0.002 * d**1.5) for d in (40, 80, 160)])
+    assert a == pytest.approx(0.002) and k == pytest.approx(1.5)
