@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -133,7 +134,7 @@ def main() -> None:
     lines = [
         "# ESS against molecule size, one CPU recipe (issue 20)",
         "",
-        f"Machine: {platform.node()} ({platform.machine()}, 2 cores, no GPU). Data, training and judging: "
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores, torch on CPU). Data, training and judging: "
         "`bash bench/ess_vs_size.sh` (2 ns of constrained 4 fs MD per peptide, `configs/aldp_nsf.yaml` on reduced "
         "internal coordinates with bonds to H frozen, `bg analyze` with OpenMM energies). Table: "
         "`python bench/ess_vs_size.py --out bench/results/ess_vs_size.md`.",
