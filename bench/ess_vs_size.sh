@@ -4,8 +4,8 @@
 # made as villin's is (amber14 + OBC2, 300 K, bonds to H constrained, hydrogen mass 4 amu, 4 fs; 10,000 frames), put
 # on villin's representation (reduced internal coordinates, bonds to H frozen) and trained with `make train`'s
 # recipe otherwise unchanged (configs/aldp_nsf.yaml: split-channel NSF, ML 20 epochs → log-variance 60 epochs), then
-# judged by `bg analyze` with 20,000 samples under OpenMM. σ² = ln(n/ESS) is the log-weight variance a log-normal spread of that ESS has; its
-# growth per residue extrapolates to villin's 35.
+# judged by `bg analyze` with 20,000 samples under OpenMM. σ² = ln(n/ESS) is the log-weight variance a log-normal
+# spread of that ESS has; bench/ess_vs_size.py extrapolates its growth with the coordinates to villin's and protein G's.
 #   bash bench/ess_vs_size.sh                 # A, AAA, AAAAAA → bench/results/ess_vs_size/<SEQ>/
 #   bash bench/ess_vs_size.sh AAAAAAAAA       # other sequences
 # Resumable per sequence: a finished MD is reused (cache); an interrupted training (fit.log without its "last
@@ -41,7 +41,7 @@ for SEQ in "${SEQS[@]}"; do
     stamp "training${RESUME:+ (resumed)}" $(( $(date +%s) - start ))
   fi
   CKPT=$(grep -o "last checkpoint: .*" "$RUN/fit.log" | tail -1 | cut -d' ' -f3)
-  MD=$(ls -d $CACHE/*/md | grep -i -- "-$(echo "$SEQ" | tr 'A-Z' 'a-z')-" | head -1)
+  MD=$(grep -o "data ready in .*" "$RUN/data.log" | cut -d' ' -f6)  # where `bg data` put this peptide's MD
   start=$(date +%s)
   $BG analyze "$CKPT" --samples 20000 --energy openmm --reference "$MD"/chunks/chunk_*.dcd --topology "$MD/topology.pdb" \
       --bins 24 --out "bench/results/ess_vs_size/$SEQ" > "$RUN/analyze.log" 2>&1

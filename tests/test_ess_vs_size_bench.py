@@ -23,7 +23,7 @@ def test_log_normal_weights_read_back_their_variance(sigma):
 
 def test_fit_through_the_origin():
     assert fit_slope([(40, 0.8), (80, 1.6), (160, 3.2)]) == pytest.approx(0.02)
-    # an offset the origin-constrained fit must not absorb: the slope is pulled below the line's 0.01
+    # points on a line with an offset (slope 0.01): through the origin the slope is 0.016, not the line's
     assert fit_slope([(100, 2.0), (200, 3.0)]) == pytest.approx((100 * 2 + 200 * 3) / (100**2 + 200**2))
 
 
