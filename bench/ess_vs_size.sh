@@ -15,6 +15,7 @@ set -euo pipefail
 BG=${BG:-.venv/bin/bg}
 export WANDB_MODE=${WANDB_MODE:-offline}
 SEQS=("$@")
+fail() { echo "bench/ess_vs_size.sh: $SEQ failed; the end of $1:" >&2; tail -5 "$1" >&2; exit 1; }
 [[ ${#SEQS[@]} -gt 0 ]] || SEQS=(A AAA AAAAAA)
 for SEQ in "${SEQS[@]}"; do
   RUN=bench/runs/ess_vs_size/$SEQ
@@ -24,7 +25,8 @@ for SEQ in "${SEQS[@]}"; do
   MD_ARGS=(--constraints hbonds --hydrogen-mass 4 --timestep-fs 4 --n-frames 10000 --steps-per-frame 50
             --equilibration-steps 5000)
   start=$(date +%s)
-  $BG data --system "peptide:$SEQ" --forcefield amber14-obc2 "${MD_ARGS[@]}" --cache-dir $CACHE > "$RUN/data.log" 2>&1
+  $BG data --system "peptide:$SEQ" --forcefield amber14-obc2 "${MD_ARGS[@]}" --cache-dir $CACHE > "$RUN/data.log" 2>&1 \
+      || fail "$RUN/data.log"
   stamp "MD (2 ns; ~0 when cached)" $(( $(date +%s) - start ))
   if ! { [[ -f $RUN/fit.log ]] && grep -q "last checkpoint: " "$RUN/fit.log"; }; then
     RESUME=()
@@ -37,13 +39,14 @@ for SEQ in "${SEQS[@]}"; do
         --data.init_args.system="peptide:$SEQ" --data.init_args.forcefield=amber14-obc2 --data.init_args.generator=md \
         --data.init_args.cache_dir=$CACHE --data.init_args.constraints=hbonds --data.init_args.md.n_frames=10000 \
         --data.init_args.md.steps_per_frame=50 --data.init_args.md.timestep_fs=4.0 --data.init_args.md.hydrogen_mass=4.0 \
-        --data.init_args.md.equilibration_steps=5000 --model.init_args.reduced=true "${RESUME[@]}" >> "$RUN/fit.log" 2>&1
+        --data.init_args.md.equilibration_steps=5000 --model.init_args.reduced=true "${RESUME[@]}" >> "$RUN/fit.log" 2>&1 \
+      || fail "$RUN/fit.log"
     stamp "training${RESUME:+ (resumed)}" $(( $(date +%s) - start ))
   fi
   CKPT=$(grep -o "last checkpoint: .*" "$RUN/fit.log" | tail -1 | cut -d' ' -f3)
   MD=$(grep -o "data ready in .*" "$RUN/data.log" | cut -d' ' -f6)  # where `bg data` put this peptide's MD
   start=$(date +%s)
   $BG analyze "$CKPT" --samples 20000 --energy openmm --reference "$MD"/chunks/chunk_*.dcd --topology "$MD/topology.pdb" \
-      --bins 24 --out "bench/results/ess_vs_size/$SEQ" > "$RUN/analyze.log" 2>&1
+      --bins 24 --out "bench/results/ess_vs_size/$SEQ" > "$RUN/analyze.log" 2>&1 || fail "$RUN/analyze.log"
   stamp "judging (20,000 samples, OpenMM)" $(( $(date +%s) - start ))
 done

@@ -43,3 +43,13 @@ def test_power_law_fit_recovers_its_exponent():
 
     a, k = fit_power([(d, 0.002 * d**1.5) for d in (40, 80, 160)])
     assert a == pytest.approx(0.002) and k == pytest.approx(1.5)
+
+
+def test_no_reports_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from bench import ess_vs_size
+
+    monkeypatch.setattr(sys, "argv", ["ess_vs_size.py", "--sequences", "A", "--results", str(tmp_path),
+                                      "--runs", str(tmp_path), "--spread", "0"])
+    with pytest.raises(SystemExit, match="no reports: run bash bench/ess_vs_size.sh first"):
+        ess_vs_size.main()
+    assert "A: no " in capsys.readouterr().err
